@@ -1,0 +1,108 @@
+"""The model's input layout: one bucketed batch of image + prompt examples.
+
+Every example is laid out in slots as
+
+    [ prefix (right-aligned, left-padded) | image (V0 slots) | text (left-aligned, right-padded) ]
+      P slots                               num_image_tokens    T slots
+
+so the image occupies the same slots `[P, P + V0)` in every row whatever the per-example prompt
+lengths are. The prefix is everything before the image (BOS, system prompt, `USER: `), the text
+everything after it (question and `ASSISTANT:`). Padding slots are invalid: they are never
+attended to, and positions count valid slots only, so a padded example computes exactly what
+the unpadded one does. `(B, P, T)` is the bucket: one compiled program per bucket.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+from flax import struct
+
+
+class BucketError(ValueError):
+    """A prompt that does not fit the largest bucket."""
+
+
+@struct.dataclass
+class Batch:
+    """Arrays of one bucket (see module docstring).
+
+    prefix_ids   [B, P] int32   tokens before the image, right-aligned (pad slots hold 0)
+    prefix_mask  [B, P] bool    valid prefix slots
+    text_ids     [B, T] int32   tokens after the image, left-aligned (pad slots hold 0)
+    text_mask    [B, T] bool    valid text slots
+    pixel_values [B, H, W, C] float32, normalised (channels last)
+    """
+
+    prefix_ids: jax.Array
+    prefix_mask: jax.Array
+    text_ids: jax.Array
+    text_mask: jax.Array
+    pixel_values: jax.Array
+
+    @property
+    def shape_key(self) -> tuple[int, int, int]:
+        """(B, P, T): the bucket."""
+        return (self.prefix_ids.shape[0], self.prefix_ids.shape[1], self.text_ids.shape[1])
+
+
+@dataclass(frozen=True)
+class Buckets:
+    """Static sizes that prompts are padded up to (one compiled program per combination)."""
+
+    batch: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    prefix: tuple[int, ...] = (8, 16, 48, 64, 128)
+    text: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024)
+
+    @staticmethod
+    def pick(sizes: tuple[int, ...], n: int, what: str) -> int:
+        for s in sizes:
+            if n <= s:
+                return s
+        raise BucketError(f"{what} of {n} does not fit the largest bucket ({max(sizes)})")
+
+
+def make_batch(
+    prefixes: list[list[int]],
+    texts: list[list[int]],
+    pixel_values: np.ndarray,
+    buckets: Buckets = Buckets(),
+) -> tuple[Batch, int]:
+    """Pads token lists and images into one bucket.
+
+    Args:
+      prefixes: per example, token ids before the image (non-empty, starts with BOS).
+      texts: per example, token ids after the image (non-empty).
+      pixel_values: [n, H, W, C] float32.
+      buckets: the bucket sizes to pad to.
+    Returns:
+      (batch, n): the padded batch (rows beyond n repeat the last example so every row is a
+      well-formed prompt) and the number of real examples.
+    """
+    n = len(prefixes)
+    if n == 0 or len(texts) != n or pixel_values.shape[0] != n:
+        raise ValueError(
+            f"need the same non-zero number of prefixes, texts and images, "
+            f"got {len(prefixes)}, {len(texts)}, {pixel_values.shape[0]}"
+        )
+    for i, (p, t) in enumerate(zip(prefixes, texts)):
+        if not p or not t:
+            raise ValueError(f"example {i}: empty {'prefix' if not p else 'text'} around the image")
+    b = Buckets.pick(buckets.batch, n, "batch size")
+    pl = Buckets.pick(buckets.prefix, max(map(len, prefixes)), "prefix length")
+    tl = Buckets.pick(buckets.text, max(map(len, texts)), "prompt length after the image")
+    rows = list(range(n)) + [n - 1] * (b - n)
+    prefix_ids = np.zeros((b, pl), np.int32)
+    prefix_mask = np.zeros((b, pl), bool)
+    text_ids = np.zeros((b, tl), np.int32)
+    text_mask = np.zeros((b, tl), bool)
+    for r, i in enumerate(rows):
+        p, t = prefixes[i], texts[i]
+        prefix_ids[r, pl - len(p) :] = p
+        prefix_mask[r, pl - len(p) :] = True
+        text_ids[r, : len(t)] = t
+        text_mask[r, : len(t)] = True
+    pix = np.asarray(pixel_values, np.float32)[rows]
+    return Batch(prefix_ids, prefix_mask, text_ids, text_mask, pix), n

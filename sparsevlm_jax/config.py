@@ -1,0 +1,329 @@
+"""Frozen, hashable configs for the LLaVA model parts.
+
+Every config is a frozen dataclass of plain Python values (tuples, not lists), so it can be a
+static argument of `jax.jit`. HuggingFace / transformers field names appear only in the
+`from_hf` constructors; `to_dict` / `from_dict` are our own saved format (config.json beside
+an orbax checkpoint).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be built or is not supported."""
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """CLIP ViT vision tower (HF `CLIPVisionConfig`)."""
+
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 16
+    image_size: int = 336
+    patch_size: int = 14
+    num_channels: int = 3
+    layer_norm_eps: float = 1e-5
+    hidden_act: str = "quick_gelu"
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any]) -> VisionConfig:
+        return cls(
+            hidden_size=d.get("hidden_size", 768),
+            intermediate_size=d.get("intermediate_size", 3072),
+            num_hidden_layers=d.get("num_hidden_layers", 12),
+            num_attention_heads=d.get("num_attention_heads", 12),
+            image_size=d.get("image_size", 224),
+            patch_size=d.get("patch_size", 32),
+            num_channels=d.get("num_channels", 3),
+            layer_norm_eps=d.get("layer_norm_eps", 1e-5),
+            hidden_act=d.get("hidden_act", "quick_gelu"),
+        )
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """Llama decoder (HF `LlamaConfig`).
+
+    `rope_scaling` is a sorted tuple of (key, value) pairs of HF's `rope_scaling` /
+    `rope_parameters` minus `rope_theta`, e.g. `(("factor", 8.0), ("rope_type", "llama3"), ...)`;
+    `()` means the default (unscaled) RoPE.
+    """
+
+    vocab_size: int = 32064
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 32
+    head_dim: int = 128
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: tuple[tuple[str, Any], ...] = ()
+    max_position_embeddings: int = 4096
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 1
+    eos_token_id: int | tuple[int, ...] | None = 2
+    pad_token_id: int | None = None
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        if self.eos_token_id is None:
+            return ()
+        if isinstance(self.eos_token_id, int):
+            return (self.eos_token_id,)
+        return tuple(self.eos_token_id)
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any]) -> TextConfig:
+        if d.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"unsupported Llama hidden_act {d['hidden_act']!r} (only silu)")
+        heads = d.get("num_attention_heads", 32)
+        hidden = d.get("hidden_size", 4096)
+        rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+        theta = rope.pop("rope_theta", d.get("rope_theta", 10000.0))
+        if rope.get("rope_type", rope.get("type", "default")) == "default":
+            rope = {}
+        eos = d.get("eos_token_id", 2)
+        return cls(
+            vocab_size=d.get("vocab_size", 32000),
+            hidden_size=hidden,
+            intermediate_size=d.get("intermediate_size", 11008),
+            num_hidden_layers=d.get("num_hidden_layers", 32),
+            num_attention_heads=heads,
+            num_key_value_heads=d.get("num_key_value_heads") or heads,
+            head_dim=d.get("head_dim") or hidden // heads,
+            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            rope_scaling=_freeze(rope),
+            max_position_embeddings=d.get("max_position_embeddings", 2048),
+            attention_bias=d.get("attention_bias", False),
+            mlp_bias=d.get("mlp_bias", False),
+            tie_word_embeddings=d.get("tie_word_embeddings", False),
+            bos_token_id=d.get("bos_token_id", 1),
+            eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+            pad_token_id=d.get("pad_token_id"),
+        )
+
+
+@dataclass(frozen=True)
+class LlavaConfig:
+    """The whole LLaVA model: vision tower, projector, decoder, and how images are spliced.
+
+    `image_token_index`: the id that marks the image in the token sequence (llava-hf: 32000,
+    expanded to `num_patches` copies; original LLaVA: -200, a single placeholder).
+    `param_dtype` is the dtype weights are stored in, `dtype` the compute dtype.
+    """
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    image_token_index: int = 32000
+    vision_feature_layer: int = -2
+    vision_feature_select_strategy: str = "default"
+    projector_hidden_act: str = "gelu"
+    projector_bias: bool = True
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+    # Unrolls the layer scans (XLA's cost analysis counts a scan body once, so FLOP counting
+    # needs the unrolled program); numerics are identical.
+    unroll_layers: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("param_dtype", "dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ConfigError(f"{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
+        if self.vision_feature_select_strategy not in ("default", "full"):
+            raise ConfigError(
+                "vision_feature_select_strategy must be 'default' or 'full', "
+                f"got {self.vision_feature_select_strategy!r}"
+            )
+        if self.projector_hidden_act != "gelu":
+            raise ConfigError(f"unsupported projector_hidden_act {self.projector_hidden_act!r}")
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Visual tokens per image fed to the decoder (576 for LLaVA-1.5)."""
+        extra = 1 if self.vision_feature_select_strategy == "full" else 0
+        return self.vision.num_patches + extra
+
+    @property
+    def vision_layers_used(self) -> int:
+        """How many CLIP encoder layers run: the selected hidden state needs no more."""
+        n = self.vision.num_hidden_layers
+        layer = self.vision_feature_layer
+        # hidden_states[0] is the embedding output, hidden_states[i] the i-th layer's output.
+        return layer % (n + 1)
+
+    def replace(self, **kw: Any) -> LlavaConfig:
+        return dataclasses.replace(self, **kw)
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any], **overrides: Any) -> LlavaConfig:
+        """From a transformers `LlavaConfig.to_dict()` / llava-hf `config.json`."""
+        layer = d.get("vision_feature_layer", -2)
+        if not isinstance(layer, int):
+            raise ConfigError(f"vision_feature_layer must be one int, got {layer!r}")
+        kw: dict[str, Any] = dict(
+            vision=VisionConfig.from_hf(d.get("vision_config") or {}),
+            text=TextConfig.from_hf(d.get("text_config") or {}),
+            image_token_index=d.get("image_token_index", d.get("image_token_id", 32000)),
+            vision_feature_layer=layer,
+            vision_feature_select_strategy=d.get("vision_feature_select_strategy", "default"),
+            projector_hidden_act=d.get("projector_hidden_act", "gelu"),
+            projector_bias=d.get("multimodal_projector_bias", True),
+        )
+        kw.update(overrides)
+        return cls(**kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["text"]["rope_scaling"] = dict(self.text.rope_scaling)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LlavaConfig:
+        d = dict(d)
+        text = dict(d.pop("text"))
+        text["rope_scaling"] = _freeze(text.get("rope_scaling") or {})
+        if isinstance(text.get("eos_token_id"), list):
+            text["eos_token_id"] = tuple(text["eos_token_id"])
+        return cls(vision=VisionConfig(**d.pop("vision")), text=TextConfig(**text), **d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, s: str) -> LlavaConfig:
+        return cls.from_dict(json.loads(s))
+
+
+def _freeze(d: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in d.items()))
+
+
+# SparseVLM v1 named budgets (SPEC §6): budget -> (scale, bias) of k = floor(rank*scale + bias).
+V1_BUDGETS: dict[int, tuple[float, float]] = {192: (13.5, 0.0), 128: (9.0, 6.0), 64: (0.8, 0.0)}
+V1_LAYERS_32 = (2, 6, 15, 19)
+METHODS = ("dense", "v1")
+CAPACITY_POLICIES = ("exact", "static")
+
+
+@dataclass(frozen=True)
+class SparseConfig:
+    """Which visual-token pruning runs in the prefill, and with what static capacities.
+
+    method: "dense" (no pruning) or "v1" (SparseVLM's rank-adaptive method, SPEC §3).
+    layers: the pruning layers (0-based); the layer runs on the unpruned sequence, later
+      layers see the pruned one.
+    scale, bias: v1's budget `k = min(floor(rank*scale + bias), V-1)`.
+    capacity: "exact" (the kept buffer can hold every budget: identical decisions to the
+      reference, no compute saved beyond the valid-slot count) or "static" (`capacities[i]`
+      visual slots after pruning layer i; a larger budget keeps the top-`capacities[i]` tokens
+      and reports the difference as overflow).
+    recycled_capacities: static slots for recycled tokens per pruning layer; empty = the
+      largest count that can occur.
+    """
+
+    method: str = "dense"
+    layers: tuple[int, ...] = ()
+    scale: float = 0.0
+    bias: float = 0.0
+    capacity: str = "exact"
+    capacities: tuple[int, ...] = ()
+    recycled_capacities: tuple[int, ...] = ()
+    budget_name: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown sparse method {self.method!r}; known: {', '.join(METHODS)}")
+        if self.capacity not in CAPACITY_POLICIES:
+            raise ConfigError(
+                f"unknown capacity policy {self.capacity!r}; known: {', '.join(CAPACITY_POLICIES)}"
+            )
+        if self.method == "dense":
+            return
+        if not self.layers or list(self.layers) != sorted(set(self.layers)):
+            raise ConfigError(f"pruning layers must be increasing and distinct, got {self.layers}")
+        if self.layers[0] < 0:
+            raise ConfigError(f"pruning layers must be >= 0, got {self.layers}")
+        if self.capacity == "static" and len(self.capacities) != len(self.layers):
+            raise ConfigError(
+                f"static capacity needs one capacity per pruning layer ({len(self.layers)}), "
+                f"got {self.capacities}"
+            )
+        if self.recycled_capacities and len(self.recycled_capacities) != len(self.layers):
+            raise ConfigError("recycled_capacities needs one entry per pruning layer")
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "dense"
+
+    def replace(self, **kw: Any) -> SparseConfig:
+        return dataclasses.replace(self, **kw)
+
+    def validate_for(self, num_layers: int) -> None:
+        if self.enabled and self.layers[-1] >= num_layers - 1:
+            raise ConfigError(
+                f"pruning layers {self.layers} must be below the last decoder layer "
+                f"({num_layers - 1})"
+            )
+
+    @classmethod
+    def v1(
+        cls,
+        budget: int = 192,
+        num_layers: int = 32,
+        layers: tuple[int, ...] | None = None,
+        capacity: str = "exact",
+        capacities: tuple[int, ...] = (),
+    ) -> SparseConfig:
+        """SparseVLM v1 at a named budget (192, 128 or 64) of SPEC §6."""
+        if budget not in V1_BUDGETS:
+            raise ConfigError(
+                f"no v1 budget named {budget}; named budgets: {sorted(V1_BUDGETS, reverse=True)}"
+            )
+        scale, bias = V1_BUDGETS[budget]
+        return cls(
+            method="v1",
+            layers=layers if layers is not None else scale_layers(V1_LAYERS_32, num_layers),
+            scale=scale,
+            bias=bias,
+            capacity=capacity,
+            capacities=capacities,
+            budget_name=budget,
+        )
+
+
+def scale_layers(layers: tuple[int, ...], num_layers: int, reference: int = 32) -> tuple[int, ...]:
+    """Pruning layers of a 32-layer preset moved proportionally to a model of `num_layers`.
+
+    Layer l becomes round(l * num_layers / 32), kept distinct, increasing and below the last
+    layer; a 32-layer model keeps the preset unchanged.
+    """
+    if num_layers == reference:
+        return layers
+    out: list[int] = []
+    for layer in layers:
+        v = max(round(layer * num_layers / reference), out[-1] + 1 if out else 0)
+        out.append(v)
+    if out and out[-1] >= num_layers - 1:
+        raise ConfigError(f"a {num_layers}-layer model is too shallow for pruning at {layers}")
+    return tuple(out)

@@ -1,0 +1,226 @@
+"""Llama decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU MLP, stacked layers.
+
+Einsum letters: B batch, T query length, S key length, K kv-heads, G query heads per kv-head,
+H head dim, D model dim, M MLP dim.
+
+Layers are stacked on a leading axis (see `sparsevlm_jax.params`); a *stage* (consecutive
+layers with the same sequence length) runs as one `lax.scan` that indexes the stack, so the
+weights are never sliced or copied per stage. Every token carries an explicit position and a
+validity flag: invalid slots (padding, unused capacity) are never attended to.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sparsevlm_jax.config import TextConfig
+
+Array = jax.Array
+NEG_INF = -1e30  # finite, so fully masked rows (padding slots) give no NaNs
+
+
+class KV(NamedTuple):
+    """Keys and values of a stack of layers: k, v [L, B, S, K, H]."""
+
+    k: Array
+    v: Array
+
+
+def rms_norm(x: Array, scale: Array, eps: float) -> Array:
+    """RMSNorm in float32, cast back to x's dtype before the scale (as transformers does)."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return scale.astype(x.dtype) * y.astype(x.dtype)
+
+
+def linear(x: Array, p: dict[str, Array]) -> Array:
+    y = x @ p["kernel"].astype(x.dtype)
+    if "bias" in p:
+        y = y + p["bias"].astype(x.dtype)
+    return y
+
+
+def rope_inv_freq(cfg: TextConfig) -> np.ndarray:
+    """Inverse frequencies [H/2] for the config's RoPE type (default, linear, llama3)."""
+    dim = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    sc = dict(cfg.rope_scaling)
+    kind = sc.get("rope_type", sc.get("type", "default"))
+    if kind == "default":
+        pass
+    elif kind == "linear":
+        inv = inv / sc["factor"]
+    elif kind == "llama3":
+        factor, lo, hi = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
+        old = sc["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        smooth = (old / wavelen - lo) / (hi - lo)
+        scaled = np.where(wavelen > old / lo, inv / factor, inv)
+        mid = (wavelen <= old / lo) & (wavelen >= old / hi)
+        inv = np.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
+    else:
+        raise NotImplementedError(f"RoPE type {kind!r} is not supported (default, linear, llama3)")
+    return inv.astype(np.float32)
+
+
+def rope_cos_sin(positions: Array, inv_freq: np.ndarray) -> tuple[Array, Array]:
+    """cos, sin [B, T, H] in float32 for integer positions [B, T] (HF's half-split layout)."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """x [B, T, heads, H]; rotation in float32."""
+    x32 = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    out = x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    return out.astype(x.dtype)
+
+
+def qkv(lp: dict[str, Any], cfg: TextConfig, h: Array, positions: Array):
+    """Projected, rotated q [B,T,N,H] and k, v [B,T,K,H] from normed hidden states h."""
+    b, t, _ = h.shape
+    q = linear(h, lp["q_proj"]).reshape(b, t, cfg.num_attention_heads, cfg.head_dim)
+    k = linear(h, lp["k_proj"]).reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
+    v = linear(h, lp["v_proj"]).reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
+    cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg))
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def attention_probs(q: Array, k: Array, mask: Array) -> Array:
+    """Softmax attention probabilities [B, K, G, T, S] in float32.
+
+    q [B,T,N,H], k [B,S,K,H], mask [B,T,S] (True = may attend).
+    """
+    b, t, n, h = q.shape
+    kh = k.shape[2]
+    qg = q.reshape(b, t, kh, n // kh, h)
+    scores = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(h)
+    scores = jnp.where(mask[:, None, None], scores, NEG_INF)
+    return jax.nn.softmax(scores, axis=-1)
+
+
+def attend(q: Array, k: Array, v: Array, mask: Array) -> Array:
+    """Attention output [B, T, N*H]; q [B,T,N,H], k/v [B,S,K,H], mask [B,T,S]."""
+    b, t, n, h = q.shape
+    probs = attention_probs(q, k, mask).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    return out.reshape(b, t, n * h)
+
+
+def mlp(lp: dict[str, Any], x: Array) -> Array:
+    gate = linear(x, lp["gate_proj"])
+    return linear(jax.nn.silu(gate) * linear(x, lp["up_proj"]), lp["down_proj"])
+
+
+def layer_params(layers: dict[str, Any], i: Array | int) -> dict[str, Any]:
+    """Layer i of the stacked tree (a dynamic index: no copy of the stack)."""
+    return jax.tree.map(lambda w: jax.lax.dynamic_index_in_dim(w, i, keepdims=False), layers)
+
+
+def causal_mask(valid: Array) -> Array:
+    """[B, T, T]: query slot t may attend key slot s <= t if s is valid (slot order = causal)."""
+    t = valid.shape[1]
+    tri = jnp.tril(jnp.ones((t, t), bool))
+    return tri[None] & valid[:, None, :]
+
+
+def prefill_layer(
+    lp: dict[str, Any], cfg: TextConfig, x: Array, positions: Array, mask: Array
+) -> tuple[Array, Array, Array, Array]:
+    """One decoder layer over a whole sequence.
+
+    Args:
+      x [B,T,D], positions [B,T] int32, mask [B,T,T].
+    Returns:
+      (output [B,T,D], q [B,T,N,H], k [B,T,K,H], v [B,T,K,H]); q is returned for callers that
+      need attention rows (pruning layers); XLA drops it where unused.
+    """
+    h = rms_norm(x, lp["input_layernorm"]["scale"], cfg.rms_norm_eps)
+    q, k, v = qkv(lp, cfg, h, positions)
+    x = x + linear(attend(q, k, v, mask), lp["o_proj"])
+    h = rms_norm(x, lp["post_attention_layernorm"]["scale"], cfg.rms_norm_eps)
+    return x + mlp(lp, h), q, k, v
+
+
+def prefill_stage(
+    layers: dict[str, Any],
+    cfg: TextConfig,
+    start: int,
+    stop: int,
+    x: Array,
+    positions: Array,
+    valid: Array,
+    unroll: bool = False,
+) -> tuple[Array, KV, Array]:
+    """Runs layers [start, stop) over a sequence as one scan.
+
+    Returns (x [B,T,D], kv with k/v [stop-start, B, T, K, H], q [B,T,N,H] of the last layer).
+    """
+    mask = causal_mask(valid)
+
+    def body(carry, i):
+        out, q, k, v = prefill_layer(layer_params(layers, i), cfg, carry[0], positions, mask)
+        return (out, q), (k, v)
+
+    b, t, _ = x.shape
+    q0 = jnp.zeros((b, t, cfg.num_attention_heads, cfg.head_dim), x.dtype)
+    (x, q), (k, v) = jax.lax.scan(
+        body, (x, q0), jnp.arange(start, stop), unroll=(stop - start) if unroll else 1
+    )
+    return x, KV(k, v), q
+
+
+def decode_stage(
+    layers: dict[str, Any],
+    cfg: TextConfig,
+    start: int,
+    x: Array,
+    positions: Array,
+    kv: KV,
+    key_valid: Array,
+    slot: Array,
+    unroll: bool = False,
+) -> tuple[Array, KV]:
+    """One new token through a stage's layers, appending its k/v to the stage's cache.
+
+    Args:
+      x [B,1,D]; positions [B,1]; kv: the stage cache, k/v [L_s, B, S, K, H];
+      key_valid [B, S] with the slot being written already marked valid; slot: scalar int32,
+      where the new k/v go.
+    Returns:
+      (x [B,1,D], updated kv). The cache is a loop carry, updated in place.
+    """
+    mask = key_valid[:, None, :]
+
+    def body(carry, j):
+        x, ck, cv = carry
+        lp = layer_params(layers, start + j)
+        h = rms_norm(x, lp["input_layernorm"]["scale"], cfg.rms_norm_eps)
+        q, k, v = qkv(lp, cfg, h, positions)
+        ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), (j, 0, slot, 0, 0))
+        cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (j, 0, slot, 0, 0))
+        keys = jax.lax.dynamic_index_in_dim(ck, j, keepdims=False)
+        vals = jax.lax.dynamic_index_in_dim(cv, j, keepdims=False)
+        x = x + linear(attend(q, keys, vals, mask), lp["o_proj"])
+        h = rms_norm(x, lp["post_attention_layernorm"]["scale"], cfg.rms_norm_eps)
+        return (x + mlp(lp, h), ck, cv), None
+
+    n = kv.k.shape[0]
+    (x, k, v), _ = jax.lax.scan(body, (x, kv.k, kv.v), jnp.arange(n), unroll=n if unroll else 1)
+    return x, KV(k, v)
+
+
+def lm_head(params_text: dict[str, Any], cfg: TextConfig, x: Array) -> Array:
+    """Final norm and logits [..., vocab] in float32."""
+    h = rms_norm(x, params_text["norm"]["scale"], cfg.rms_norm_eps)
+    w = params_text["embed_tokens"].T if cfg.tie_word_embeddings else params_text["lm_head"]
+    return jnp.einsum("...d,dv->...v", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
