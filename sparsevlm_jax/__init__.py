@@ -1,0 +1,15 @@
+"""sparsevlm-jax: LLaVA in JAX with SparseVLM visual-token pruning compiled into the prefill."""
+
+from sparsevlm_jax.config import LlavaConfig, SparseConfig, TextConfig, VisionConfig
+from sparsevlm_jax.pipeline import LlavaPipeline, Result, load
+
+__version__ = "0.1.0"
+__all__ = [
+    "LlavaConfig",
+    "LlavaPipeline",
+    "Result",
+    "SparseConfig",
+    "TextConfig",
+    "VisionConfig",
+    "load",
+]

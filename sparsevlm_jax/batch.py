@@ -20,8 +20,10 @@ import jax
 import numpy as np
 from flax import struct
 
+from sparsevlm_jax.errors import InputError
 
-class BucketError(ValueError):
+
+class BucketError(InputError):
     """A prompt that does not fit the largest bucket."""
 
 
@@ -87,7 +89,7 @@ def make_batch(
             f"need the same non-zero number of prefixes, texts and images, "
             f"got {len(prefixes)}, {len(texts)}, {pixel_values.shape[0]}"
         )
-    for i, (p, t) in enumerate(zip(prefixes, texts)):
+    for i, (p, t) in enumerate(zip(prefixes, texts, strict=True)):
         if not p or not t:
             raise ValueError(f"example {i}: empty {'prefix' if not p else 'text'} around the image")
     b = Buckets.pick(buckets.batch, n, "batch size")

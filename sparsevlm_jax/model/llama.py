@@ -159,24 +159,28 @@ def prefill_stage(
     x: Array,
     positions: Array,
     valid: Array,
+    query_tail: int = 0,
     unroll: bool = False,
-) -> tuple[Array, KV, Array]:
+) -> tuple[Array, KV, Array | None]:
     """Runs layers [start, stop) over a sequence as one scan.
 
-    Returns (x [B,T,D], kv with k/v [stop-start, B, T, K, H], q [B,T,N,H] of the last layer).
+    Args:
+      query_tail: also return the last layer's queries for the last `query_tail` slots (the
+        text rows a pruning layer scores with), so its attention rows can be recomputed
+        without materialising every head's full attention matrix.
+    Returns:
+      (x [B,T,D], kv with k/v [stop-start, B, T, K, H], q [B, query_tail, N, H] or None).
     """
     mask = causal_mask(valid)
 
-    def body(carry, i):
-        out, q, k, v = prefill_layer(layer_params(layers, i), cfg, carry[0], positions, mask)
-        return (out, q), (k, v)
+    def body(x, i):
+        out, q, k, v = prefill_layer(layer_params(layers, i), cfg, x, positions, mask)
+        return out, (k, v, q[:, x.shape[1] - query_tail :])
 
-    b, t, _ = x.shape
-    q0 = jnp.zeros((b, t, cfg.num_attention_heads, cfg.head_dim), x.dtype)
-    (x, q), (k, v) = jax.lax.scan(
-        body, (x, q0), jnp.arange(start, stop), unroll=(stop - start) if unroll else 1
+    x, (k, v, q) = jax.lax.scan(
+        body, x, jnp.arange(start, stop), unroll=(stop - start) if unroll else 1
     )
-    return x, KV(k, v), q
+    return x, KV(k, v), (q[-1] if query_tail else None)
 
 
 def decode_stage(

@@ -94,7 +94,7 @@ def stage_bounds(num_layers: int, sparse: SparseConfig) -> list[tuple[int, int]]
     """[(start, stop), ...]: stages of consecutive layers; a pruning layer ends its stage."""
     cuts = [layer + 1 for layer in sparse.layers] if sparse.enabled else []
     edges = [0, *cuts, num_layers]
-    return list(zip(edges[:-1], edges[1:]))
+    return list(zip(edges[:-1], edges[1:], strict=True))
 
 
 def last_text_index(state: SeqState) -> Array:
@@ -132,8 +132,17 @@ def prefill(
 
     kvs, valids, lengths, prefill_len = [], [], [], []
     for s, (start, stop) in enumerate(bounds):
-        x, kv, q_last = llama.prefill_stage(
-            layers, tcfg, start, stop, state.x, state.positions, state.valid, cfg.unroll_layers
+        prunes = pruner is not None and s < len(bounds) - 1
+        x, kv, q_text = llama.prefill_stage(
+            layers,
+            tcfg,
+            start,
+            stop,
+            state.x,
+            state.positions,
+            state.valid,
+            query_tail=state.num_text if prunes else 0,
+            unroll=cfg.unroll_layers,
         )
         pad = ((0, 0), (0, 0), (0, max_new_tokens), (0, 0), (0, 0))
         kvs.append(llama.KV(jnp.pad(kv.k, pad), jnp.pad(kv.v, pad)))
@@ -141,8 +150,8 @@ def prefill(
         lengths.append(jnp.sum(state.valid, axis=1).astype(jnp.int32))
         prefill_len.append(state.x.shape[1])
         state = state.replace(x=x)
-        if pruner is not None and s < len(bounds) - 1:
-            state = pruner.prune(s, state, q_last, kv.k[-1])
+        if prunes:
+            state = pruner.prune(s, state, q_text, kv.k[-1])
 
     if all_logits:
         logits = llama.lm_head(params["text"], tcfg, state.x)
@@ -150,8 +159,9 @@ def prefill(
         idx = last_text_index(state)
         last = jnp.take_along_axis(state.x, idx[:, None, None], axis=1)[:, 0]
         logits = llama.lm_head(params["text"], tcfg, last)
-    cache = KVCache(tuple(kvs), tuple(valids), tuple(lengths), jnp.zeros((), jnp.int32),
-                    tuple(prefill_len))
+    cache = KVCache(
+        tuple(kvs), tuple(valids), tuple(lengths), jnp.zeros((), jnp.int32), tuple(prefill_len)
+    )
     stats = pruner.stats(state) if pruner is not None else {}
     return logits, cache, stats
 
@@ -180,6 +190,7 @@ def decode_step(params: Params, cfg: LlavaConfig, cache: KVCache, tokens: Array)
         lengths.append(cache.length[s] + 1)
         start += kv.k.shape[0]
     logits = llama.lm_head(params["text"], tcfg, x[:, 0])
-    new = cache.replace(kv=tuple(kvs), valid=tuple(valids), length=tuple(lengths),
-                        step=cache.step + 1)
+    new = cache.replace(
+        kv=tuple(kvs), valid=tuple(valids), length=tuple(lengths), step=cache.step + 1
+    )
     return logits, new

@@ -1,0 +1,119 @@
+"""Tiny random transformers LLaVA models, built in-process (no hub), shared by the tests.
+
+`tiny_llava(...)` builds a `LlavaForConditionalGeneration`; `save_tiny_llava(model, dir)`
+writes it in the llava-hf layout together with the tiny tokenizer (expand style: `<image>` is
+id 500), so `sparsevlm_jax.load(dir)` and the converter treat it like a real checkpoint.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_TOKEN = 500  # the tiny expand-style tokenizer's <image> id
+VOCAB = 512
+
+
+def tiny_llava(
+    num_layers: int = 4,
+    image_size: int = 56,
+    patch_size: int = 14,
+    hidden: int = 64,
+    heads: int = 4,
+    kv_heads: int = 2,
+    vision_layers: int = 3,
+    vocab: int = VOCAB,
+    seed: int = 0,
+    qk_std: float | None = None,
+):
+    """A tiny random Llava in float32, eval mode.
+
+    qk_std: if set, the decoder's q/k projections are redrawn with this std so attention is
+    peaked (random init at 0.02 gives near-uniform attention where any two implementations
+    disagree on rounding).
+    """
+    import torch
+    import transformers
+
+    vision = transformers.CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=16,
+    )
+    text = transformers.LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=num_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        vocab_size=vocab,
+        eos_token_id=2,
+        bos_token_id=1,
+    )
+    cfg = transformers.LlavaConfig(
+        vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN
+    )
+    torch.manual_seed(seed)
+    model = transformers.LlavaForConditionalGeneration(cfg).eval()
+    if qk_std is not None:
+        gen = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for layer in model.model.language_model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+                    proj.weight.copy_(torch.randn(proj.weight.shape, generator=gen) * qk_std)
+    return model
+
+
+def save_tiny_llava(model, out_dir: str | Path) -> Path:
+    """Writes the model (transformers `save_pretrained`) plus the tiny tokenizer to out_dir."""
+    from tokenizer_fixtures import tiny_tokenizer_dir
+
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    tok = Path(tiny_tokenizer_dir("expand"))
+    for f in tok.iterdir():
+        if f.is_file():
+            shutil.copy(f, out / f.name)
+    return out
+
+
+def random_pixels(n: int, image_size: int = 56, seed: int = 0) -> np.ndarray:
+    """[n, S, S, 3] float32 normalised-looking pixels (channels last)."""
+    return (
+        np.random.default_rng(seed).normal(size=(n, image_size, image_size, 3)).astype(np.float32)
+    )
+
+
+def hf_logits(model, prefix: list[int], text: list[int], pixels: np.ndarray, n_image: int):
+    """transformers' logits [N, vocab] for one example (image token expanded)."""
+    import torch
+
+    ids = torch.tensor([prefix + [IMAGE_TOKEN] * n_image + text])
+    pix = torch.tensor(pixels[None]).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        return model(input_ids=ids, pixel_values=pix).logits[0].numpy()
+
+
+def hf_greedy(model, prefix, text, pixels, n_image: int, max_new_tokens: int) -> list[int]:
+    """transformers' greedy continuation (no EOS stop) for one example."""
+    import torch
+
+    ids = torch.tensor([prefix + [IMAGE_TOKEN] * n_image + text])
+    pix = torch.tensor(pixels[None]).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids,
+            pixel_values=pix,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    return out[0, ids.shape[1] :].tolist()
