@@ -1,0 +1,57 @@
+"""`python -m convert SRC DST [--clip DIR] [--dtype ...]`: write a sparsevlm-jax checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+
+from convert.errors import ConversionError
+from convert.llava import convert_checkpoint
+from sparsevlm_jax.checkpoint import CheckpointError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m convert",
+        description="Convert a LLaVA-1.5 checkpoint (llava-hf hub, transformers save_pretrained, "
+        "or original LLaVA + CLIP) to a sparsevlm-jax orbax checkpoint.",
+    )
+    p.add_argument("src", help="source checkpoint directory")
+    p.add_argument("dst", help="checkpoint directory to create")
+    p.add_argument("--clip", help="CLIP checkpoint directory (original LLaVA checkpoints only)")
+    p.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=["bfloat16", "float32", "float16", "keep"],
+        help="weight dtype to store (keep: the source's float dtype); default bfloat16",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the converter; returns the process exit status."""
+    args = build_parser().parse_args(argv)
+    start = time.perf_counter()
+    try:
+        cfg = convert_checkpoint(
+            args.src,
+            args.dst,
+            dtype=None if args.dtype == "keep" else args.dtype,
+            clip=args.clip,
+            progress=not args.quiet,
+            overwrite=args.overwrite,
+        )
+    except (ConversionError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(
+        f"wrote {args.dst}: {cfg.text.num_hidden_layers}-layer decoder, "
+        f"{cfg.vision.num_hidden_layers}-layer CLIP, {cfg.param_dtype}, "
+        f"{time.perf_counter() - start:.1f} s, peak RSS {peak_gib:.2f} GiB"
+    )
+    return 0
