@@ -62,6 +62,7 @@ def example_stats(
                 "kept": [int(x) for x in s["kept"][j] if x >= 0],
                 "recycled": int(s["recycled"][j]),
                 "overflow": int(s["overflow"][j]),
+                "recycled_overflow": int(s["recycled_overflow"][j]),
             }
             for j, layer in enumerate(sparse.layers)
         ],

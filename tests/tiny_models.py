@@ -27,12 +27,16 @@ def tiny_llava(
     vocab: int = VOCAB,
     seed: int = 0,
     qk_std: float | None = None,
+    embed_std: float | None = None,
+    projector_std: float | None = None,
 ):
     """A tiny random Llava in float32, eval mode.
 
     qk_std: if set, the decoder's q/k projections are redrawn with this std so attention is
     peaked (random init at 0.02 gives near-uniform attention where any two implementations
-    disagree on rounding).
+    disagree on rounding). embed_std / projector_std likewise redraw the token embeddings and
+    the projector weights, so that text and image embeddings are far apart and varied (raters
+    and scores then have clear margins).
     """
     import torch
     import transformers
@@ -67,6 +71,16 @@ def tiny_llava(
             for layer in model.model.language_model.layers:
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
                     proj.weight.copy_(torch.randn(proj.weight.shape, generator=gen) * qk_std)
+    redraw = []
+    if embed_std is not None:
+        redraw.append((model.model.language_model.embed_tokens.weight, embed_std))
+    if projector_std is not None:
+        proj = model.model.multi_modal_projector
+        redraw += [(proj.linear_1.weight, projector_std), (proj.linear_2.weight, projector_std)]
+    gen = torch.Generator().manual_seed(seed + 2)
+    with torch.no_grad():
+        for w, std in redraw:
+            w.copy_(torch.randn(w.shape, generator=gen) * std)
     return model
 
 

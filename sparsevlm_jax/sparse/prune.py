@@ -23,8 +23,13 @@ from sparsevlm_jax.flops import prefill_flops
 from sparsevlm_jax.model import llama
 from sparsevlm_jax.model.llava import SeqState, positions_from_valid
 from sparsevlm_jax.sparse.rank import budget_table, matrix_rank, rank_budget
-from sparsevlm_jax.sparse.raters import rater_scores, text_raters_with_margin
-from sparsevlm_jax.sparse.recycle import max_candidates_for, max_clusters_for, recycle
+from sparsevlm_jax.sparse.raters import rater_scores, text_raters
+from sparsevlm_jax.sparse.recycle import (
+    max_candidates_for,
+    max_clusters_for,
+    num_clusters,
+    recycle,
+)
 from sparsevlm_jax.sparse.select import select_topk
 
 Array = jax.Array
@@ -91,13 +96,10 @@ class Pruner:
         self.plan = plan_capacities(sparse, state.vis_cap)
         text = slice(state.x.shape[1] - state.num_text, None)
         self.text_mask = state.valid[:, text]
-        self.raters, rater_margin = text_raters_with_margin(
-            state.x[:, state.vis_slice], state.x[:, text], self.text_mask
-        )
+        self.raters = text_raters(state.x[:, state.vis_slice], state.x[:, text], self.text_mask)
         self.num_prefix_valid = jnp.sum(state.valid[:, : state.num_prefix], axis=1)
         self.n_vis = [jnp.sum(state.valid[:, state.vis_slice], axis=1).astype(jnp.int32)]
         self.layer_stats: list[dict[str, Array]] = []
-        self.margins = [rater_margin]
 
     def prune(self, i: int, state: SeqState, q_text: Array, k_all: Array) -> SeqState:
         """Prunes the visual region after pruning layer i.
@@ -110,10 +112,11 @@ class Pruner:
         vis = state.vis_slice
         vis_mask = state.valid[:, vis]
         n_vis = jnp.sum(vis_mask, axis=1).astype(jnp.int32)
+        valid_rank = jnp.cumsum(vis_mask.astype(jnp.int32), axis=1) - 1
 
         attn = head_mean_attention(q_text, k_all, state.valid)[:, :, vis]  # [B, T, Vcap]
         scores = rater_scores(attn, self.raters, vis_mask)
-        rank, rank_margin = matrix_rank(attn, self.raters, vis_mask)
+        rank, _ = matrix_rank(attn, self.raters, vis_mask)
         table = budget_table(self.sparse.scale, self.sparse.bias, min(attn.shape[1], cap.vis_in))
         budget = rank_budget(rank, n_vis, table)
         top = select_topk(scores, budget, cap.kept, vis_mask)
@@ -133,13 +136,16 @@ class Pruner:
             {
                 "rank": rank,
                 "budget": budget,
-                "kept": jnp.where(top.kept_mask, top.kept_idx, -1),
+                # slot -> index among the valid visual tokens (the reference's numbering)
+                "kept": jnp.where(
+                    top.kept_mask, jnp.take_along_axis(valid_rank, top.kept_idx, axis=1), -1
+                ),
                 "num_kept": top.n_kept,
                 "recycled": rec.n_recycled,
                 "overflow": top.overflow,
+                "recycled_overflow": num_clusters(rec.n_candidates) - rec.n_recycled,
             }
         )
-        self.margins += [rank_margin, top.margin, rec.candidate_margin, rec.centre_margin]
         return SeqState(x, valid, positions_from_valid(valid), p, cap.vis_out)
 
     def stats(self, state: SeqState) -> dict[str, Array]:
@@ -149,7 +155,8 @@ class Pruner:
         rank, budget, num_kept, recycled, overflow [B, n_layers]; kept [B, n_layers, Cmax]
         (kept visual indices relative to that layer's visual range, -1 padded);
         visual_counts [B, num_layers] (after each decoder layer, recycled included);
-        equivalent_tokens [B]; flops / dense_flops [B] (SPEC §8); min_margin [B].
+        equivalent_tokens [B]; tokens_per_layer [B, num_layers] and dense_tokens [B] (valid
+        tokens each layer processed, for SPEC §8 FLOPs: `analytic_flops`).
         """
         num_layers = self.cfg.text.num_hidden_layers
         bounds = [*self.sparse.layers, num_layers - 1]
@@ -175,7 +182,6 @@ class Pruner:
             "equivalent_tokens": jnp.mean(visual_counts.astype(jnp.float32), axis=1),
             "tokens_per_layer": processed,
             "dense_tokens": dense[:, 0],
-            "min_margin": jnp.min(jnp.stack(self.margins, axis=1), axis=1),
         }
         width = max(s["kept"].shape[1] for s in self.layer_stats)
         for key in self.layer_stats[0]:
