@@ -221,6 +221,14 @@ def _freeze(d: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
 
 # SparseVLM v1 named budgets (SPEC §6): budget -> (scale, bias) of k = floor(rank*scale + bias).
 V1_BUDGETS: dict[int, tuple[float, float]] = {192: (13.5, 0.0), 128: (9.0, 6.0), 64: (0.8, 0.0)}
+# Static buffer shapes for v1 on LLaVA-1.5-7B when no calibration set is at hand (benchmarks
+# with random weights): the v1.5 schedules of the same budget, the 4th layer keeping what the
+# 3rd kept. Calibrate (`sparsevlm_jax.sparse.calibrate`) for real workloads.
+V1_STATIC_SHAPES_7B: dict[int, tuple[int, ...]] = {
+    192: (300, 200, 110, 110),
+    128: (303, 110, 36, 36),
+    64: (66, 30, 17, 17),
+}
 V1_LAYERS_32 = (2, 6, 15, 19)
 METHODS = ("dense", "v1")
 CAPACITY_POLICIES = ("exact", "static")
@@ -286,6 +294,24 @@ class SparseConfig:
                 f"({num_layers - 1})"
             )
 
+    def with_static_shape(self, capacities: tuple[int, ...], num_image_tokens: int = 576):
+        """`static` capacities, with recycled slots sized for budgets equal to the capacities.
+
+        With k = C at every pruning layer the recycled counts are determined:
+        V_in - C pruned, (3(V_in - C))//10 + 1 candidates, candidates//10 + 1 clusters. A
+        smaller budget then prunes more and can need more recycled slots: those extra
+        clusters are dropped and counted as `recycled_overflow`.
+        """
+        recycled, vis = [], num_image_tokens
+        for cap in capacities:
+            pruned = max(vis - cap, 0)
+            rec = (((3 * pruned) // 10 + 1) // 10 + 1) if pruned else 1
+            recycled.append(rec)
+            vis = min(cap, vis) + (rec if pruned else 0)
+        return self.replace(
+            capacity="static", capacities=tuple(capacities), recycled_capacities=tuple(recycled)
+        )
+
     @classmethod
     def v1(
         cls,
@@ -327,3 +353,21 @@ def scale_layers(layers: tuple[int, ...], num_layers: int, reference: int = 32) 
     if out and out[-1] >= num_layers - 1:
         raise ConfigError(f"a {num_layers}-layer model is too shallow for pruning at {layers}")
     return tuple(out)
+
+
+def named_presets() -> list[tuple[str, int]]:
+    """Every (method, named budget) pair this version implements, for benchmarks and CLIs."""
+    return [("v1", b) for b in sorted(V1_BUDGETS, reverse=True)]
+
+
+def named_sparse_config(
+    method: str, budget: int | None, num_layers: int = 32, **kw: Any
+) -> SparseConfig:
+    """The SparseConfig of a named preset (`("dense", None)` gives no pruning)."""
+    if method == "dense":
+        return SparseConfig()
+    if method == "v1":
+        if budget is None:
+            raise ConfigError("method v1 needs a named budget")
+        return SparseConfig.v1(budget, num_layers=num_layers, **kw)
+    raise ConfigError(f"unknown sparse method {method!r}; known: {', '.join(METHODS)}")
