@@ -221,6 +221,21 @@ def _freeze(d: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
 
 # SparseVLM v1 named budgets (SPEC §6): budget -> (scale, bias) of k = floor(rank*scale + bias).
 V1_BUDGETS: dict[int, tuple[float, float]] = {192: (13.5, 0.0), 128: (9.0, 6.0), 64: (0.8, 0.0)}
+V1_LAYERS_32 = (2, 6, 15, 19)
+# v1.5 / v2.0 (SparseVLM+) fixed schedules on LLaVA-1.5-7B (SPEC §6): kept per pruning layer.
+V15_LAYERS_32 = (2, 6, 15)
+V15_SCHEDULES: dict[int, tuple[int, ...]] = {
+    192: (300, 200, 110),
+    128: (303, 110, 36),
+    96: (238, 48, 26),
+    64: (66, 30, 17),
+}
+V20_SCHEDULES: dict[int, tuple[int, ...]] = {
+    192: (300, 200, 118),
+    128: (238, 108, 60),
+    96: (246, 54, 28),
+    64: (66, 34, 20),
+}
 # Static buffer shapes for v1 on LLaVA-1.5-7B when no calibration set is at hand (benchmarks
 # with random weights): the v1.5 schedules of the same budget, the 4th layer keeping what the
 # 3rd kept. Calibrate (`sparsevlm_jax.sparse.calibrate`) for real workloads.
@@ -229,8 +244,15 @@ V1_STATIC_SHAPES_7B: dict[int, tuple[int, ...]] = {
     128: (303, 110, 36, 36),
     64: (66, 30, 17, 17),
 }
-V1_LAYERS_32 = (2, 6, 15, 19)
-METHODS = ("dense", "v1")
+# FastV (SPEC §7): keep round(V * (1 - R)) visual tokens after layer K. Named budgets are the
+# R that keeps about that many of 576 tokens, pruning after layer K = 2.
+FASTV_K = 2
+FASTV_RATIOS: dict[int, float] = {192: 2 / 3, 128: 7 / 9, 64: 8 / 9}
+V2_HEAD_FRACTION = 14 / 32
+REFERENCE_IMAGE_TOKENS = 576
+METHODS = ("dense", "v1", "v1_5", "v2_0", "fastv", "random")
+FIXED_SCHEDULE_METHODS = ("v1_5", "v2_0", "random")
+RECYCLING_METHODS = ("v1", "v1_5")
 CAPACITY_POLICIES = ("exact", "static")
 
 
@@ -238,10 +260,18 @@ CAPACITY_POLICIES = ("exact", "static")
 class SparseConfig:
     """Which visual-token pruning runs in the prefill, and with what static capacities.
 
-    method: "dense" (no pruning) or "v1" (SparseVLM's rank-adaptive method, SPEC §3).
+    method: "dense" (no pruning); "v1" (SparseVLM's rank-adaptive method, SPEC §3); "v1_5" and
+      "v2_0" (SparseVLM's fixed schedules; v2.0 = SparseVLM+ with gravity-corrected top-head
+      scores, no recycling, original positions); "fastv" (the last prompt token's attention,
+      SPEC §7); "random" (a seeded uniform subset, SPEC §7).
     layers: the pruning layers (0-based); the layer runs on the unpruned sequence, later
       layers see the pruned one.
     scale, bias: v1's budget `k = min(floor(rank*scale + bias), V-1)`.
+    schedule: kept count per pruning layer for v1_5 / v2_0 (`min(schedule[i], V-1)`) and
+      random (`min(schedule[i], V)`).
+    fastv_ratio: FastV's R; keeps `round(V * (1 - R))`.
+    v2_heads: heads averaged by v2.0; None = round(14/32 * heads), at least 1.
+    seed: the random method's seed.
     capacity: "exact" (the kept buffer can hold every budget: identical decisions to the
       reference, no compute saved beyond the valid-slot count) or "static" (`capacities[i]`
       visual slots after pruning layer i; a larger budget keeps the top-`capacities[i]` tokens
@@ -254,6 +284,10 @@ class SparseConfig:
     layers: tuple[int, ...] = ()
     scale: float = 0.0
     bias: float = 0.0
+    schedule: tuple[int, ...] = ()
+    fastv_ratio: float = 0.5
+    v2_heads: int | None = None
+    seed: int = 0
     capacity: str = "exact"
     capacities: tuple[int, ...] = ()
     recycled_capacities: tuple[int, ...] = ()
@@ -272,6 +306,15 @@ class SparseConfig:
             raise ConfigError(f"pruning layers must be increasing and distinct, got {self.layers}")
         if self.layers[0] < 0:
             raise ConfigError(f"pruning layers must be >= 0, got {self.layers}")
+        if self.method in FIXED_SCHEDULE_METHODS and len(self.schedule) != len(self.layers):
+            raise ConfigError(
+                f"method {self.method} needs one schedule entry per pruning layer "
+                f"({len(self.layers)}), got {self.schedule}"
+            )
+        if any(k < 0 for k in self.schedule):
+            raise ConfigError(f"schedule entries must be >= 0, got {self.schedule}")
+        if self.method == "fastv" and not 0.0 <= self.fastv_ratio <= 1.0:
+            raise ConfigError(f"fastv_ratio must be in [0, 1], got {self.fastv_ratio}")
         if self.capacity == "static" and len(self.capacities) != len(self.layers):
             raise ConfigError(
                 f"static capacity needs one capacity per pruning layer ({len(self.layers)}), "
@@ -283,6 +326,22 @@ class SparseConfig:
     @property
     def enabled(self) -> bool:
         return self.method != "dense"
+
+    @property
+    def recycles(self) -> bool:
+        return self.method in RECYCLING_METHODS
+
+    @property
+    def keeps_positions(self) -> bool:
+        """v2.0 keeps the kept tokens' original position ids; the others renumber."""
+        return self.method == "v2_0"
+
+    @property
+    def name(self) -> str:
+        """e.g. "v1@192", "fastv@64", "dense"."""
+        if not self.enabled:
+            return "dense"
+        return f"{self.method}@{self.budget_name}" if self.budget_name else self.method
 
     def replace(self, **kw: Any) -> SparseConfig:
         return dataclasses.replace(self, **kw)
@@ -300,14 +359,15 @@ class SparseConfig:
         With k = C at every pruning layer the recycled counts are determined:
         V_in - C pruned, (3(V_in - C))//10 + 1 candidates, candidates//10 + 1 clusters. A
         smaller budget then prunes more and can need more recycled slots: those extra
-        clusters are dropped and counted as `recycled_overflow`.
+        clusters are dropped and counted as `recycled_overflow`. Methods that do not recycle
+        get one (never used) recycled slot.
         """
         recycled, vis = [], num_image_tokens
         for cap in capacities:
             pruned = max(vis - cap, 0)
-            rec = (((3 * pruned) // 10 + 1) // 10 + 1) if pruned else 1
-            recycled.append(rec)
-            vis = min(cap, vis) + (rec if pruned else 0)
+            rec = (((3 * pruned) // 10 + 1) // 10 + 1) if pruned and self.recycles else 0
+            recycled.append(max(rec, 1))
+            vis = min(cap, vis) + rec
         return self.replace(
             capacity="static", capacities=tuple(capacities), recycled_capacities=tuple(recycled)
         )
@@ -341,8 +401,9 @@ class SparseConfig:
 def scale_layers(layers: tuple[int, ...], num_layers: int, reference: int = 32) -> tuple[int, ...]:
     """Pruning layers of a 32-layer preset moved proportionally to a model of `num_layers`.
 
-    Layer l becomes round(l * num_layers / 32), kept distinct, increasing and below the last
-    layer; a 32-layer model keeps the preset unchanged.
+    Layer l becomes round(l * num_layers / 32) (Python's round: halves to even), pushed up
+    to stay distinct and increasing; it must stay below the last layer. A 32-layer model
+    keeps the preset unchanged.
     """
     if num_layers == reference:
         return layers
@@ -355,19 +416,77 @@ def scale_layers(layers: tuple[int, ...], num_layers: int, reference: int = 32) 
     return tuple(out)
 
 
+def scale_schedule(schedule: tuple[int, ...], num_image_tokens: int) -> tuple[int, ...]:
+    """A 576-token schedule as the same fractions of `num_image_tokens` (rounded, >= 1)."""
+    if num_image_tokens == REFERENCE_IMAGE_TOKENS:
+        return schedule
+    return tuple(max(1, round(k * num_image_tokens / REFERENCE_IMAGE_TOKENS)) for k in schedule)
+
+
+NAMED_BUDGETS: dict[str, tuple[int, ...]] = {
+    "v1": tuple(sorted(V1_BUDGETS, reverse=True)),
+    "v1_5": tuple(sorted(V15_SCHEDULES, reverse=True)),
+    "v2_0": tuple(sorted(V20_SCHEDULES, reverse=True)),
+    "fastv": tuple(sorted(FASTV_RATIOS, reverse=True)),
+    "random": tuple(sorted(V15_SCHEDULES, reverse=True)),
+}
+
+
 def named_presets() -> list[tuple[str, int]]:
     """Every (method, named budget) pair this version implements, for benchmarks and CLIs."""
-    return [("v1", b) for b in sorted(V1_BUDGETS, reverse=True)]
+    return [(m, b) for m, budgets in NAMED_BUDGETS.items() for b in budgets]
 
 
 def named_sparse_config(
-    method: str, budget: int | None, num_layers: int = 32, **kw: Any
+    method: str,
+    budget: int | None,
+    num_layers: int = 32,
+    num_image_tokens: int = REFERENCE_IMAGE_TOKENS,
+    **kw: Any,
 ) -> SparseConfig:
-    """The SparseConfig of a named preset (`("dense", None)` gives no pruning)."""
+    """The SparseConfig of a named preset (`("dense", None)` gives no pruning).
+
+    Models that are not 32 layers deep get proportionally moved pruning layers
+    (`scale_layers`); models with other than 576 visual tokens get schedules scaled to the
+    same fractions (`scale_schedule`). Fixed-schedule methods (v1.5, v2.0, random) and FastV
+    get static capacities equal to what they keep (identical decisions, no waste); v1 is
+    rank-adaptive and runs `exact` unless capacities are given (`kw`).
+
+    random@B keeps, at v1.5@B's layers, as many tokens as v1.5@B has visual tokens after each
+    layer (kept + recycled), so the two are compared at equal visual counts.
+    """
     if method == "dense":
         return SparseConfig()
+    known = NAMED_BUDGETS.get(method)
+    if known is None:
+        raise ConfigError(f"unknown sparse method {method!r}; known: {', '.join(METHODS)}")
+    if budget not in known:
+        raise ConfigError(f"no {method} budget named {budget}; named budgets: {list(known)}")
     if method == "v1":
-        if budget is None:
-            raise ConfigError("method v1 needs a named budget")
         return SparseConfig.v1(budget, num_layers=num_layers, **kw)
-    raise ConfigError(f"unknown sparse method {method!r}; known: {', '.join(METHODS)}")
+    if method == "fastv":
+        ratio = FASTV_RATIOS[budget]
+        cfg = SparseConfig(
+            method="fastv",
+            layers=(scale_layers((FASTV_K,), num_layers)[0] - 1,),
+            fastv_ratio=ratio,
+            budget_name=budget,
+            **kw,
+        )
+        kept = round(num_image_tokens * (1 - ratio))
+        return cfg if "capacity" in kw else cfg.with_static_shape((kept,), num_image_tokens)
+    table = V20_SCHEDULES if method == "v2_0" else V15_SCHEDULES
+    schedule = scale_schedule(table[budget], num_image_tokens)
+    layers = scale_layers(V15_LAYERS_32, num_layers)
+    if method == "random":
+        v15 = SparseConfig(method="v1_5", layers=layers, schedule=schedule)
+        schedule = _visual_counts_after(v15.with_static_shape(schedule, num_image_tokens))
+    cfg = SparseConfig(
+        method=method, layers=layers, schedule=schedule, budget_name=budget, **kw
+    )
+    return cfg if "capacity" in kw else cfg.with_static_shape(schedule, num_image_tokens)
+
+
+def _visual_counts_after(cfg: SparseConfig) -> tuple[int, ...]:
+    """Visual tokens after each pruning layer of a static fixed-schedule config (k + c)."""
+    return tuple(k + c for k, c in zip(cfg.capacities, cfg.recycled_capacities, strict=True))

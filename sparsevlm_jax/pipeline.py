@@ -57,7 +57,7 @@ def example_stats(
         layers=[
             {
                 "layer": layer,
-                "rank": int(s["rank"][j]),
+                "rank": int(s["rank"][j]) if sparse.method == "v1" else None,
                 "budget": int(s["budget"][j]),
                 "kept": [int(x) for x in s["kept"][j] if x >= 0],
                 "recycled": int(s["recycled"][j]),

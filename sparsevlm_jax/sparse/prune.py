@@ -12,17 +12,25 @@ The static sizes of every pruning layer are fixed by `plan_capacities` before tr
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparsevlm_jax.config import ConfigError, LlavaConfig, SparseConfig
+from sparsevlm_jax.config import (
+    V2_HEAD_FRACTION,
+    ConfigError,
+    LlavaConfig,
+    SparseConfig,
+    TextConfig,
+)
 from sparsevlm_jax.flops import prefill_flops
 from sparsevlm_jax.model import llama
 from sparsevlm_jax.model.llava import SeqState, positions_from_valid
-from sparsevlm_jax.sparse.rank import budget_table, matrix_rank, rank_budget
+from sparsevlm_jax.sparse.common import descending_order
+from sparsevlm_jax.sparse.rank import budget_table, fixed_budget, matrix_rank, rank_budget
 from sparsevlm_jax.sparse.raters import rater_scores, text_raters
 from sparsevlm_jax.sparse.recycle import (
     max_candidates_for,
@@ -55,7 +63,7 @@ def plan_capacities(sparse: SparseConfig, num_image_tokens: int) -> list[LayerCa
     exact: C = the incoming visual capacity (holds every budget, including the keep-all case).
     static: C = `sparse.capacities[i]` (at most the incoming capacity).
     Candidate and recycled slots default to the most that can occur: every incoming visual
-    token pruned.
+    token pruned (none for methods that do not recycle).
     """
     plan, vis = [], num_image_tokens
     for i in range(len(sparse.layers)):
@@ -69,23 +77,52 @@ def plan_capacities(sparse: SparseConfig, num_image_tokens: int) -> list[LayerCa
         cand = max_candidates_for(vis)
         rec = sparse.recycled_capacities[i] if sparse.recycled_capacities else None
         rec = max_clusters_for(cand) if rec is None else min(int(rec), max_clusters_for(cand))
+        if not sparse.recycles:
+            cand, rec = 0, 0
         plan.append(LayerCapacity(vis, kept, cand, rec))
         vis = kept + rec
     return plan
 
 
-def head_mean_attention(q_text: Array, k_all: Array, valid: Array) -> Array:
-    """Head-averaged attention probabilities [B, T, L] of the last T slots (the text rows).
+def text_row_attention(q_text: Array, k_all: Array, valid: Array) -> Array:
+    """Per-head attention probabilities [B, N, T, L] of the last T slots (the text rows).
 
     q_text [B,T,N,H] (rotated queries of the text slots), k_all [B,L,K,H], valid [B,L]. Only
     the text rows are formed, never the full L x L matrix.
     """
-    b, t = q_text.shape[:2]
+    b, t, n, _ = q_text.shape
     length = k_all.shape[1]
     rows = jnp.arange(length - t, length)
     mask = (jnp.arange(length)[None, :] <= rows[:, None])[None] & valid[:, None, :]
     probs = llama.attention_probs(q_text, k_all, mask)  # [B, K, G, T, L]
-    return jnp.mean(probs, axis=(1, 2))
+    return probs.reshape(b, n, t, length)
+
+
+def rope_gravity(cfg: TextConfig, text_pos: Array, vis_pos: Array) -> Array:
+    """SparseVLM+'s RoPE bias [B, T, V]: RoPE(q=1) . RoPE(k=1) / sqrt(head_dim) (SPEC §6)."""
+    inv = llama.rope_inv_freq(cfg)
+    ones = jnp.ones((1, 1, 1, cfg.head_dim), jnp.float32)
+
+    def rotated_ones(pos: Array) -> Array:
+        cos, sin = llama.rope_cos_sin(pos, inv)
+        return llama.apply_rope(jnp.broadcast_to(ones, (*pos.shape, 1, cfg.head_dim)), cos, sin)
+
+    rq, rk = rotated_ones(text_pos)[:, :, 0], rotated_ones(vis_pos)[:, :, 0]
+    bias = jnp.einsum("bth,bvh->btv", rq, rk, precision=jax.lax.Precision.HIGHEST)
+    return bias / math.sqrt(cfg.head_dim)
+
+
+def top_heads_mean(per_head: Array, raters: Array, vis_mask: Array, n_sel: int) -> Array:
+    """Mean over the n_sel heads with the largest rater-to-visual mass (ties: lower head).
+
+    per_head [B, N, T, V] -> [B, T, V].
+    """
+    pair = raters[:, None, :, None] & vis_mask[:, None, None, :]
+    mass = jnp.sum(jnp.where(pair, per_head, 0.0), axis=(2, 3))  # [B, N]
+    order = descending_order(mass, jnp.ones_like(mass, bool))
+    chosen = jnp.zeros_like(mass, bool)
+    chosen = jnp.put_along_axis(chosen, order[:, :n_sel], True, axis=1, inplace=False)
+    return jnp.sum(jnp.where(chosen[:, :, None, None], per_head, 0.0), axis=1) / n_sel
 
 
 class Pruner:
@@ -114,24 +151,37 @@ class Pruner:
         n_vis = jnp.sum(vis_mask, axis=1).astype(jnp.int32)
         valid_rank = jnp.cumsum(vis_mask.astype(jnp.int32), axis=1) - 1
 
-        attn = head_mean_attention(q_text, k_all, state.valid)[:, :, vis]  # [B, T, Vcap]
-        scores = rater_scores(attn, self.raters, vis_mask)
-        rank, _ = matrix_rank(attn, self.raters, vis_mask)
-        table = budget_table(self.sparse.scale, self.sparse.bias, min(attn.shape[1], cap.vis_in))
-        budget = rank_budget(rank, n_vis, table)
+        per_head = text_row_attention(q_text, k_all, state.valid)[..., vis]  # [B,N,T,Vcap]
+        scores, rank = self.score(i, state, per_head, vis_mask)
+        budget = self.budget(i, rank, n_vis, per_head.shape[2], cap.vis_in)
         top = select_topk(scores, budget, cap.kept, vis_mask)
-        rec = recycle(
-            state.x[:, vis], scores, vis_mask, top.keep_mask_full, cap.candidates, cap.recycled
-        )
+        if self.sparse.recycles:
+            rec = recycle(
+                state.x[:, vis], scores, vis_mask, top.keep_mask_full, cap.candidates, cap.recycled
+            )
+            recycled, rec_mask, n_rec = rec.recycled, rec.recycled_mask, rec.n_recycled
+            rec_overflow = num_clusters(rec.n_candidates) - rec.n_recycled
+        else:
+            b, d = state.x.shape[0], state.x.shape[-1]
+            recycled, rec_mask = jnp.zeros((b, 0, d)), jnp.zeros((b, 0), bool)
+            n_rec = rec_overflow = jnp.zeros((b,), jnp.int32)
 
         x_vis = jnp.take_along_axis(state.x[:, vis], top.kept_idx[:, :, None], axis=1)
-        x_vis = jnp.concatenate([x_vis, rec.recycled.astype(state.x.dtype)], axis=1)
-        vis_valid = jnp.concatenate([top.kept_mask, rec.recycled_mask], axis=1)
+        x_vis = jnp.concatenate([x_vis, recycled.astype(state.x.dtype)], axis=1)
+        vis_valid = jnp.concatenate([top.kept_mask, rec_mask], axis=1)
         p = state.num_prefix
         x = jnp.concatenate([state.x[:, :p], x_vis, state.x[:, vis.stop :]], axis=1)
         valid = jnp.concatenate([state.valid[:, :p], vis_valid, state.valid[:, vis.stop :]], 1)
+        if self.sparse.keeps_positions:  # v2.0: kept tokens keep their position ids
+            pos_vis = jnp.take_along_axis(state.positions[:, vis], top.kept_idx, axis=1)
+            pos_vis = jnp.concatenate([pos_vis, jnp.zeros_like(rec_mask, jnp.int32)], axis=1)
+            positions = jnp.concatenate(
+                [state.positions[:, :p], pos_vis, state.positions[:, vis.stop :]], axis=1
+            )
+        else:
+            positions = positions_from_valid(valid)
 
-        self.n_vis.append(top.n_kept + rec.n_recycled)
+        self.n_vis.append(top.n_kept + n_rec)
         self.layer_stats.append(
             {
                 "rank": rank,
@@ -141,12 +191,54 @@ class Pruner:
                     top.kept_mask, jnp.take_along_axis(valid_rank, top.kept_idx, axis=1), -1
                 ),
                 "num_kept": top.n_kept,
-                "recycled": rec.n_recycled,
+                "recycled": n_rec,
                 "overflow": top.overflow,
-                "recycled_overflow": num_clusters(rec.n_candidates) - rec.n_recycled,
+                "recycled_overflow": rec_overflow,
             }
         )
-        return SeqState(x, valid, positions_from_valid(valid), p, cap.vis_out)
+        return SeqState(x, valid, positions, p, cap.vis_out)
+
+    def score(
+        self, i: int, state: SeqState, per_head: Array, vis_mask: Array
+    ) -> tuple[Array, Array]:
+        """(scores [B, Vcap] with -inf at invalid slots, v1's rank [B] or zeros)."""
+        sp, b = self.sparse, per_head.shape[0]
+        no_rank = jnp.zeros((b,), jnp.int32)
+        if sp.method == "fastv":  # the last prompt token's head-averaged attention
+            last = jnp.sum(self.text_mask, axis=1) - 1
+            row = jnp.take_along_axis(jnp.mean(per_head, axis=1), last[:, None, None], axis=1)
+            return jnp.where(vis_mask, row[:, 0], -jnp.inf), no_rank
+        if sp.method == "random":
+            key = jax.random.fold_in(jax.random.PRNGKey(sp.seed), sp.layers[i])
+            noise = jax.random.uniform(key, vis_mask.shape[1:])
+            return jnp.where(vis_mask, noise[None], -jnp.inf), no_rank
+        if sp.method == "v2_0":
+            t = self.text_mask.shape[1]
+            gravity = rope_gravity(
+                self.cfg.text, state.positions[:, -t:], state.positions[:, state.vis_slice]
+            )
+            heads = per_head.shape[1]
+            n_sel = sp.v2_heads or max(1, round(V2_HEAD_FRACTION * heads))
+            relation = top_heads_mean(per_head / gravity[:, None], self.raters, vis_mask, n_sel)
+        else:
+            relation = jnp.mean(per_head, axis=1)  # R [B, T, Vcap]
+        scores = rater_scores(relation, self.raters, vis_mask)
+        if sp.method != "v1":
+            return scores, no_rank
+        return scores, matrix_rank(relation, self.raters, vis_mask)[0]
+
+    def budget(self, i: int, rank: Array, n_vis: Array, num_text: int, vis_cap: int) -> Array:
+        """k [B] per SPEC §3 / §7; k >= V means the layer prunes nothing."""
+        sp = self.sparse
+        if sp.method == "v1":
+            table = budget_table(sp.scale, sp.bias, min(num_text, vis_cap))
+            return rank_budget(rank, n_vis, table)
+        if sp.method == "fastv":  # Python's round, as the reference: a host table over V
+            table = np.asarray([round(v * (1 - sp.fastv_ratio)) for v in range(vis_cap + 1)])
+            return jnp.minimum(jnp.asarray(table, jnp.int32)[n_vis], n_vis)
+        if sp.method == "random":
+            return jnp.minimum(sp.schedule[i], n_vis).astype(jnp.int32)
+        return fixed_budget(n_vis, sp.schedule[i])  # v1.5, v2.0: min(schedule, V - 1)
 
     def stats(self, state: SeqState) -> dict[str, Array]:
         """Per-example statistics, every array with a leading batch axis.
