@@ -481,9 +481,7 @@ def named_sparse_config(
     if method == "random":
         v15 = SparseConfig(method="v1_5", layers=layers, schedule=schedule)
         schedule = _visual_counts_after(v15.with_static_shape(schedule, num_image_tokens))
-    cfg = SparseConfig(
-        method=method, layers=layers, schedule=schedule, budget_name=budget, **kw
-    )
+    cfg = SparseConfig(method=method, layers=layers, schedule=schedule, budget_name=budget, **kw)
     return cfg if "capacity" in kw else cfg.with_static_shape(schedule, num_image_tokens)
 
 
