@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     except (ConversionError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2  # bad input, as `sparsevlm convert`
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(
         f"wrote {args.dst}: {cfg.text.num_hidden_layers}-layer decoder, "

@@ -162,7 +162,7 @@ def load(
             raise CheckpointError(f"dtype must be one of {DTYPES}, got {dtype!r}")
         cfg = cfg.replace(param_dtype=dtype, dtype=dtype)
     abstract = _with_shardings(abstract_params(cfg), shardings)
-    _check_saved(path, abstract)
+    check_arrays(path, cfg)
     with ocp.StandardCheckpointer() as ckptr:
         params = ckptr.restore((path / PARAMS_DIR).absolute(), abstract)
     return params, cfg
@@ -195,27 +195,50 @@ def _with_shardings(abstract: Params, shardings: Any) -> Params:
     )
 
 
-def _saved_arrays(params_dir: Path) -> dict[str, tuple[int, ...]]:
-    """Flat key -> shape of every array in an orbax params directory (metadata only)."""
+def saved_arrays(params_dir: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Flat key -> (shape, dtype) of every array in an orbax params directory (metadata only).
+
+    Raises:
+        CheckpointError: the directory's metadata is missing or unreadable.
+    """
+    import logging
+
     import orbax.checkpoint as ocp
 
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)  # orbax logs a warning for a broken store, then returns None
     try:
         with ocp.StandardCheckpointer() as ckptr:
             meta = ckptr.metadata(params_dir.absolute())
     except Exception as e:  # orbax raises several types for a broken directory
         raise CheckpointError(f"{params_dir}: unreadable orbax checkpoint ({e})") from e
+    finally:
+        absl.setLevel(level)
     tree = getattr(meta, "item_metadata", meta)
     tree = getattr(tree, "tree", tree)
-    return {k: tuple(v.shape) for k, v in flatten(dict(tree)).items()}
+    if not isinstance(tree, dict):
+        raise CheckpointError(f"{params_dir}: orbax checkpoint without readable array metadata")
+    return {k: (tuple(v.shape), str(v.dtype)) for k, v in flatten(tree).items()}
 
 
-def _check_saved(path: Path, abstract: Params) -> None:
-    """One-line `CheckpointError` naming every missing, unexpected or wrongly shaped array."""
-    saved = _saved_arrays(path / PARAMS_DIR)
-    want = {k: tuple(v.shape) for k, v in flatten(abstract).items()}
-    missing = [k for k in want if k not in saved]
-    unexpected = [k for k in saved if k not in want]
+def check_arrays(path: str | Path, cfg: LlavaConfig) -> None:
+    """Checks that a checkpoint holds exactly the arrays `cfg` needs (no weights are read).
+
+    Raises:
+        CheckpointError: one line naming every missing, unexpected or wrongly shaped array.
+    """
+    path = Path(path)
+    want = {k: tuple(v.shape) for k, v in flatten(abstract_params(cfg)).items()}
+    saved = {k: shape for k, (shape, _) in saved_arrays(path / PARAMS_DIR).items()}
     shapes = [f"{k}: {saved[k]} != {want[k]}" for k in want if k in saved and saved[k] != want[k]]
+    _raise_problems(path, [k for k in want if k not in saved], set(saved), want, shapes)
+
+
+def _raise_problems(
+    path: Path, missing: list[str], saved: set[str], want: dict, shapes: list[str]
+) -> None:
+    unexpected = sorted(k for k in saved if k not in want)
     parts = [
         _describe(n, items)
         for n, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes))
@@ -223,6 +246,21 @@ def _check_saved(path: Path, abstract: Params) -> None:
     ]
     if parts:
         raise CheckpointError(f"checkpoint {path}: " + ", ".join(parts))
+
+
+def load_model_config(path: str | Path, clip: str | Path | None = None) -> LlavaConfig:
+    """The config of our checkpoint or of a transformers / LLaVA directory (no weights read)."""
+    path = Path(path)
+    if is_checkpoint(path):
+        return load_config(path)
+    if (path / CONFIG_FILE).is_file():
+        from convert.llava import read_config
+
+        return read_config(path, clip)
+    raise CheckpointError(
+        f"{path}: not a checkpoint (no {CONFIG_FILE}; expected a directory written by "
+        "`sparsevlm convert`, or a llava-hf / original LLaVA directory)"
+    )
 
 
 def _describe(what: str, items: list[str], limit: int = 5) -> str:

@@ -298,22 +298,6 @@ def resolve_model(model: str | None) -> Path:
     return p
 
 
-def read_model_config(path: Path, clip: str | None = None) -> LlavaConfig:
-    """The model's config without loading weights (our checkpoint or a source directory)."""
-    from sparsevlm_jax import checkpoint
-
-    if checkpoint.is_checkpoint(path):
-        return checkpoint.load_config(path)
-    if (path / checkpoint.CONFIG_FILE).is_file():
-        from convert.llava import read_config
-
-        return read_config(path, clip)
-    raise checkpoint.CheckpointError(
-        f"{path}: not a checkpoint (no {checkpoint.CONFIG_FILE}; expected a directory written "
-        "by `sparsevlm convert`, or a llava-hf / original LLaVA directory)"
-    )
-
-
 def processor_overrides(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if args.template is not None:
@@ -328,82 +312,6 @@ def make_processor(args: argparse.Namespace, path: Path, cfg: LlavaConfig) -> An
     from sparsevlm_jax.processing import Processor
 
     return Processor.from_pretrained(path, cfg, **processor_overrides(args))
-
-
-def saved_arrays(params_dir: Path) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Flat key -> (shape, dtype) of an orbax params directory, from its metadata only.
-
-    Raises:
-      CheckpointError: the directory's metadata is missing or unreadable.
-    """
-    import logging
-
-    import orbax.checkpoint as ocp
-
-    from sparsevlm_jax.checkpoint import CheckpointError
-    from sparsevlm_jax.params import flatten
-
-    absl = logging.getLogger("absl")
-    level = absl.level
-    absl.setLevel(logging.ERROR)  # orbax logs a warning, then returns no tree
-    try:
-        with ocp.StandardCheckpointer() as ckptr:
-            meta = ckptr.metadata(params_dir.absolute())
-    except Exception as e:  # orbax raises several types for a broken directory
-        raise CheckpointError(f"{params_dir}: unreadable orbax checkpoint ({e})") from e
-    finally:
-        absl.setLevel(level)
-    tree = getattr(meta, "item_metadata", meta)
-    tree = getattr(tree, "tree", tree)
-    if not isinstance(tree, dict):
-        raise CheckpointError(f"{params_dir}: orbax checkpoint without readable array metadata")
-    return {k: (tuple(v.shape), str(v.dtype)) for k, v in flatten(tree).items()}
-
-
-def listed_arrays(params_dir: Path) -> set[str] | None:
-    """Flat keys listed in an orbax params directory's `_METADATA` file, read as plain JSON.
-
-    None when the file is absent or not in the expected layout (then only orbax can tell).
-    Reading the JSON avoids orbax's asynchronous machinery, which leaves noise on stderr
-    at exit when a store is damaged.
-    """
-    try:
-        tree = json.loads((params_dir / "_METADATA").read_text())["tree_metadata"]
-        return {"/".join(str(k["key"]) for k in entry["key_metadata"]) for entry in tree.values()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
-
-
-def check_checkpoint_arrays(path: Path, cfg: LlavaConfig) -> None:
-    """For our checkpoints: every expected array is listed with its shape (no weights read).
-
-    Raises:
-      CheckpointError: one line naming missing, unexpected or wrongly shaped arrays.
-    """
-    from sparsevlm_jax import checkpoint
-    from sparsevlm_jax.params import flatten, param_shapes
-
-    if not checkpoint.is_checkpoint(path):
-        return
-    params_dir = path / checkpoint.PARAMS_DIR
-    want = {k: tuple(v) for k, v in flatten(param_shapes(cfg)).items()}
-    listed = listed_arrays(params_dir)
-    if listed is not None:
-        _raise_problems(path, [f"missing {k}" for k in want if k not in listed], listed, want)
-    saved = saved_arrays(params_dir)
-    problems = [f"missing {k}" for k in want if k not in saved]
-    problems += [f"{k} has shape {saved[k][0]}, expected {v}" for k, v in want.items()
-                 if k in saved and saved[k][0] != v]  # fmt: skip
-    _raise_problems(path, problems, set(saved), want)
-
-
-def _raise_problems(path: Path, problems: list[str], saved: set[str], want: dict) -> None:
-    from sparsevlm_jax.checkpoint import CheckpointError
-
-    problems = problems + [f"unexpected {k}" for k in sorted(saved) if k not in want]
-    if problems:
-        more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
-        raise CheckpointError(f"{path}: bad checkpoint: {'; '.join(problems[:3])}{more}")
 
 
 def _raised_in(e: BaseException, packages: tuple[str, ...]) -> bool:
@@ -422,10 +330,12 @@ def load_pipeline(args: argparse.Namespace, path: Path, cfg: LlavaConfig) -> Any
     Our checkpoints' array list is checked first; an error raised inside orbax / tensorstore
     while reading the weights (a deleted or corrupt data file) becomes a CheckpointError.
     """
+    from sparsevlm_jax import checkpoint
     from sparsevlm_jax.checkpoint import CheckpointError
     from sparsevlm_jax.pipeline import LlavaPipeline
 
-    check_checkpoint_arrays(path, cfg)
+    if checkpoint.is_checkpoint(path):
+        checkpoint.check_arrays(path, cfg)
     try:
         return LlavaPipeline.from_pretrained(
             path, dtype=args.dtype, clip=args.clip, **processor_overrides(args)
@@ -452,9 +362,11 @@ def check_prompt(processor: Any, prompt: str) -> None:
 
 def prepare(args: argparse.Namespace) -> tuple[Path, LlavaConfig, SparseConfig, Any]:
     """Model path, config, sparsity and processor for generate / visualize (no weights)."""
+    from sparsevlm_jax import checkpoint
+
     check_generation_args(args)
     path = resolve_model(args.model)
-    cfg = read_model_config(path, args.clip)
+    cfg = checkpoint.load_model_config(path, args.clip)
     sparse = sparse_from_args(args, cfg)
     processor = make_processor(args, path, cfg)
     check_prompt(processor, args.prompt)
@@ -609,6 +521,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from sparsevlm_jax import checkpoint
     from sparsevlm_jax import eval as ev
 
     check_generation_args(args)
@@ -618,7 +531,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     questions = ev.read_questions(args.questions)
     ev.check_images(questions, args.image_folder)
     path = resolve_model(args.model)
-    cfg = read_model_config(path, args.clip)
+    cfg = checkpoint.load_model_config(path, args.clip)
     sparse = sparse_from_args(args, cfg)
     processor = make_processor(args, path, cfg)
     if not 1 <= args.batch_size <= max(processor.buckets.batch):
@@ -679,7 +592,7 @@ def model_arrays(path: Path, cfg: LlavaConfig) -> tuple[dict[str, tuple], str]:
     from sparsevlm_jax.params import flatten, param_shapes
 
     if checkpoint.is_checkpoint(path):
-        return saved_arrays(path / checkpoint.PARAMS_DIR), "sparsevlm-jax checkpoint"
+        return checkpoint.saved_arrays(path / checkpoint.PARAMS_DIR), "sparsevlm-jax checkpoint"
     src = json.loads((path / checkpoint.CONFIG_FILE).read_text())
     text = src.get("text_config") or {}
     dtype = str(src.get("torch_dtype") or src.get("dtype") or text.get("torch_dtype") or "?")
@@ -735,8 +648,10 @@ def _itemsize(name: str) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from sparsevlm_jax import checkpoint
+
     path = resolve_model(args.checkpoint)
-    cfg = read_model_config(path, args.clip)
+    cfg = checkpoint.load_model_config(path, args.clip)
     arrays, kind = model_arrays(path, cfg)
     print(format_info(path, cfg, arrays, kind))
     return EXIT_OK

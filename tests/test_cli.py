@@ -233,7 +233,7 @@ def test_checkpoint_with_a_missing_tensor(work, capsys):
     bad = _bad_checkpoint(work, "ckpt-missing")
     argv = gen_args(work)
     argv[argv.index(work / "ckpt")] = bad
-    assert_input_error(*run(capsys, *argv), "missing text/norm/scale")
+    assert_input_error(*run(capsys, *argv), "1 missing (text/norm/scale)")
 
 
 def test_checkpoint_with_a_deleted_orbax_file(work, capsys):

@@ -413,7 +413,7 @@ def test_cli(layouts, tmp_path, capsys):
     src, clip = layouts["original"]
     assert main([str(src), str(tmp_path / "a"), "--clip", str(clip), "--quiet"]) == 0
     assert "wrote" in capsys.readouterr().out
-    assert main([str(src), str(tmp_path / "b"), "--quiet"]) == 1
+    assert main([str(src), str(tmp_path / "b"), "--quiet"]) == 2
     assert "--clip" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
 
