@@ -1,6 +1,13 @@
 """sparsevlm-jax: LLaVA in JAX with SparseVLM visual-token pruning compiled into the prefill."""
 
-from sparsevlm_jax.config import LlavaConfig, SparseConfig, TextConfig, VisionConfig
+from sparsevlm_jax.config import (
+    LlavaConfig,
+    SparseConfig,
+    TextConfig,
+    VisionConfig,
+    named_presets,
+    named_sparse_config,
+)
 from sparsevlm_jax.pipeline import LlavaPipeline, Result, load
 
 __version__ = "0.1.0"
@@ -12,4 +19,6 @@ __all__ = [
     "TextConfig",
     "VisionConfig",
     "load",
+    "named_presets",
+    "named_sparse_config",
 ]

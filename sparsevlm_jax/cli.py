@@ -38,8 +38,12 @@ REFERENCE_DEPTH = 32  # LLaVA-1.5-7B's decoder depth, for which the presets are 
 
 
 def default_model_path() -> str | None:
-    """The model used when `--model` is not given: none yet (a bundled model comes later)."""
-    return None
+    """The model used when `--model` is not given: the bundled demo model, if installed."""
+    from sparsevlm_jax.checkpoint import is_checkpoint
+    from sparsevlm_jax.shapes_task import demo_model_path
+
+    path = demo_model_path()
+    return str(path) if is_checkpoint(path) else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -288,7 +292,7 @@ def resolve_model(model: str | None) -> Path:
     if path is None:
         raise InputError(
             "a model is required: pass --model CKPT (a checkpoint written by `sparsevlm "
-            "convert`, or a llava-hf / original LLaVA directory); there is no bundled default yet"
+            "convert`, or a llava-hf / original LLaVA directory); no bundled model is installed"
         )
     p = Path(path)
     if not p.exists():
@@ -682,7 +686,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from sparsevlm_jax.demo import run_demo
+    from sparsevlm_jax.demo import run_demo, run_model_demo
+
+    model = args.model if args.model is not None else default_model_path()
+    if not args.random and model is not None:
+        if args.num_images < 1:
+            raise InputError(f"--num-images must be >= 1, got {args.num_images}")
+        run_model_demo(resolve_model(model), args.num_images, out=args.out)
+        return EXIT_OK
 
     budgets = comma_ints(args.budgets, "--budgets")
     for b in budgets:
@@ -729,8 +740,9 @@ skipping the question ids it already holds. --limit N answers the first N questi
   sparsevlm info llava-hf/llava-1.5-7b-hf""",
     "demo": """examples:
   sparsevlm demo
-  sparsevlm demo --budgets 64 --max-new-tokens 4 --out demo-pictures
-  sparsevlm demo --optimized""",
+  sparsevlm demo --num-images 5 --out demo-pictures
+  sparsevlm demo --random --budgets 64 --max-new-tokens 4
+  sparsevlm demo --random --optimized""",
 }
 
 
@@ -800,8 +812,18 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("checkpoint", metavar="CKPT", help="checkpoint or transformers directory")
     i.add_argument("--clip", metavar="DIR", help="CLIP directory, for original LLaVA checkpoints")
 
-    d = command("demo", "SparseVLM's mechanics on a tiny random model", cmd_demo)
+    d = command("demo", "dense vs pruned answers of the bundled model, side by side", cmd_demo)
     d.add_argument("--out", metavar="DIR", help="also write the kept-patch pictures here")
+    d.add_argument("--model", metavar="CKPT", help="another checkpoint (default: the bundled one)")
+    d.add_argument(
+        "--num-images", type=int, default=3, metavar="N", help="test images to ask about (3)"
+    )
+    d.add_argument(
+        "--random",
+        action="store_true",
+        help="instead, show the mechanics on a tiny random model with LLaVA-1.5's 576 visual "
+        "tokens and 32 layers (the options below apply to it)",
+    )
     d.add_argument(
         "--budgets", default="192,128,64", metavar="LIST", help="v1 budgets (%(default)s)"
     )

@@ -468,7 +468,7 @@ def named_sparse_config(
         ratio = FASTV_RATIOS[budget]
         cfg = SparseConfig(
             method="fastv",
-            layers=(scale_layers((FASTV_K,), num_layers)[0] - 1,),
+            layers=(max(scale_layers((FASTV_K,), num_layers)[0] - 1, 0),),
             fastv_ratio=ratio,
             budget_name=budget,
             **kw,

@@ -274,3 +274,119 @@ def run_demo(
             echo(f"wrote {path}")
     echo(f"total {time.perf_counter() - t0:.1f} s")
     return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# The bundled model: real answers, dense and pruned side by side
+
+DEMO_METHODS = (("v1", 64), ("v1_5", 64), ("fastv", 64), ("random", 64))
+
+
+def sparse_defaults(model: str | Path, method: str, budget: int, cfg: LlavaConfig) -> SparseConfig:
+    """A named preset for `cfg`; v1 uses the model's calibrated capacities when it ships them
+    (`sparse_defaults.json`, written by `sparsevlm_jax.shapes_task.write_sparse_defaults`)."""
+    import json
+
+    from sparsevlm_jax.config import named_sparse_config
+
+    sparse = named_sparse_config(method, budget, cfg.text.num_hidden_layers, cfg.num_image_tokens)
+    path = Path(model) / "sparse_defaults.json"
+    if method == "v1" and path.is_file():
+        entry = json.loads(path.read_text()).get(str(budget))
+        if entry and tuple(entry["layers"]) == sparse.layers:
+            sparse = sparse.replace(
+                capacity="static",
+                capacities=tuple(entry["capacities"]),
+                recycled_capacities=tuple(entry["recycled_capacities"]),
+            )
+    return sparse
+
+
+def run_model_demo(
+    model: str | Path,
+    num_images: int = 2,
+    methods: Sequence[tuple[str, int]] = DEMO_METHODS,
+    out: str | Path | None = None,
+    echo: Callable[[str], None] = print,
+) -> dict[str, dict[str, float]]:
+    """Asks the model the shapes task's questions about a few test images, dense and pruned.
+
+    Prints every answer side by side with the gold answer, then per method the accuracy on
+    these questions, the equivalent visual tokens and the analytic prefill FLOPs and KV bytes
+    against dense; writes the kept-patches picture of the first pruned method to `out`.
+    Returns the per-method summary.
+    """
+    from sparsevlm_jax import shapes_task
+    from sparsevlm_jax.pipeline import LlavaPipeline
+    from sparsevlm_jax.visualize import kept_picture, save_atomic
+
+    t0 = time.perf_counter()
+    pipe = LlavaPipeline.from_pretrained(model)
+    cfg = pipe.cfg
+    examples = [shapes_task.example("test", i, cfg.vision.image_size) for i in range(num_images)]
+    images = [Image.fromarray(ex.image) for ex in examples for _ in ex.questions]
+    questions = [q for ex in examples for q in ex.questions]
+    configs = {"dense": SparseConfig()}
+    configs.update({f"{m}@{b}": sparse_defaults(model, m, b, cfg) for m, b in methods})
+    echo(
+        f"model: {model} ({cfg.num_image_tokens} visual tokens, "
+        f"{cfg.text.num_hidden_layers} decoder layers); {len(questions)} questions about "
+        f"{num_images} test images of the shapes task"
+    )
+    answers, summary = {}, {}
+    for name, sparse in configs.items():
+        res = pipe.generate(images, [q.text for q in questions], sparse, max_new_tokens=4)
+        answers[name] = res
+        st = [r.stats for r in res]
+        correct = sum(r.text.strip() == q.answer for r, q in zip(res, questions, strict=True))
+        summary[name] = {
+            "accuracy": correct / len(questions),
+            "visual_tokens": float(
+                np.mean([s.get("equivalent_tokens", cfg.num_image_tokens) for s in st])
+            ),
+            "flops": float(
+                np.mean([s["flops"] / s["dense_flops"] if "flops" in s else 1.0 for s in st])
+            ),
+            "kv": float(
+                np.mean(
+                    [
+                        s["kv_cache_bytes"] / s["dense_kv_cache_bytes"]
+                        if "kv_cache_bytes" in s
+                        else 1.0
+                        for s in st
+                    ]
+                )
+            ),
+        }
+    names = list(configs)
+    width = max(len(q.text) for q in questions)
+    echo("")
+    echo(f"{'question':<{width}}  {'gold':<7}" + "".join(f"{n:>12}" for n in names))
+    for i, q in enumerate(questions):
+        echo(
+            f"{q.text:<{width}}  {q.answer:<7}"
+            + "".join(f"{answers[n][i].text.strip():>12}" for n in names)
+        )
+    echo("")
+    echo(f"{'method':<12}{'correct':>9}{'visual tokens':>15}{'prefill FLOPs':>15}{'KV cache':>10}")
+    for n in names:
+        s = summary[n]
+        echo(
+            f"{n:<12}{s['accuracy']:>9.0%}{s['visual_tokens']:>15.1f}"
+            f"{s['flops']:>15.0%}{s['kv']:>10.0%}"
+        )
+    echo(
+        "(visual tokens: mean over decoder layers; FLOPs: SPEC §8 analytic prefill count vs "
+        "dense; KV: K+V bytes vs dense)"
+    )
+    pruned = [n for n in names if n != "dense"]
+    if out is not None and pruned:
+        path = Path(out)
+        path.mkdir(parents=True, exist_ok=True)
+        first = answers[pruned[0]][0]
+        picture = kept_picture(images[0], pipe.processor, cfg, first.stats["layers"])
+        target = path / f"kept_{pruned[0].replace('@', '_')}.png"
+        save_atomic(picture, target)
+        echo(f"wrote {target} (patches kept by {pruned[0]} for '{questions[0].text}')")
+    echo(f"total {time.perf_counter() - t0:.1f} s")
+    return summary

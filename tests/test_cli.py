@@ -528,7 +528,7 @@ def test_token_origins_compose_layers():
 def test_demo_runs(work):
     """A real `sparsevlm demo` process (exit 0); it compiles with XLA's fast setting."""
     proc = subprocess.run(
-        [sys.executable, "-m", "sparsevlm_jax.cli", "demo", "--budgets", "64",
+        [sys.executable, "-m", "sparsevlm_jax.cli", "demo", "--random", "--budgets", "64",
          "--max-new-tokens", "2", "--out", str(work / "demo")],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
