@@ -1,0 +1,470 @@
+"""The synthetic "shapes" visual-question task the bundled demo model is trained on.
+
+An image is a square of grey noise (values 60-120) split into a 4x4 grid of cells; 3-6 cells
+hold one solid shape each (circle, square, triangle, cross) in one of six colours, 55-85% of a
+cell wide and jittered inside its cell. Questions are lower case, words separated by spaces,
+with a one-word answer:
+
+    what color is the <shape> ?        -> colour   (exactly one such shape in the image)
+    what shape is the <color> object ? -> shape    (exactly one object of that colour)
+    is there a <color> <shape> ?       -> yes / no (balanced)
+    how many <plural> ?                -> zero ... four
+
+Everything is a pure function of (split, index): `example("test", 17)` is the same image and
+questions on every machine, so the test set is regenerated on demand (`write-test`) rather
+than stored. The prompt is the project's LLaVA template (`vicuna_v1`), exactly as for real
+checkpoints; `build_tokenizer` makes the word-level tokenizer the demo model uses.
+
+    python -m sparsevlm_jax.shapes_task write-test DIR [--images 544]
+    python -m sparsevlm_jax.shapes_task evaluate MODEL DIR [--sparse v1 --budget 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+GRID = 4
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 180, 60),
+    "blue": (50, 80, 230),
+    "yellow": (230, 220, 50),
+    "purple": (150, 60, 190),
+    "white": (245, 245, 245),
+}
+COLOR_NAMES: tuple[str, ...] = tuple(COLORS)
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
+PLURALS: dict[str, str] = {s: s + ("es" if s.endswith("s") else "s") for s in SHAPES}
+NUMBERS: tuple[str, ...] = ("zero", "one", "two", "three", "four")
+CATEGORIES: tuple[str, ...] = ("color", "shape", "exists", "count")
+SPLIT_SEEDS: dict[str, int] = {"train": 1000, "val": 2000, "test": 3000}
+DEFAULT_IMAGE_SIZE = 224
+MAX_PER_SHAPE = 4
+# Words of the vicuna_v1 system prompt and roles (lower-cased, as the tokenizer normalises).
+TEMPLATE_WORDS: tuple[str, ...] = (
+    "a chat between curious user and an artificial intelligence assistant . the gives "
+    "helpful , detailed polite answers to ' s questions : human"
+).split()
+TASK_WORDS: tuple[str, ...] = (
+    "what color is shape object there how many ? yes no".split()
+    + list(SHAPES)
+    + list(PLURALS.values())
+    + list(COLOR_NAMES)
+    + list(NUMBERS)
+)
+SPECIAL_TOKENS: tuple[str, ...] = ("<unk>", "<s>", "</s>")
+IMAGE_TOKEN = "<image>"
+PAD_TOKEN = "<pad>"
+
+
+@dataclass(frozen=True)
+class Obj:
+    """One object: its grid cell (row * GRID + col), colour, shape and pixel box."""
+
+    cell: int
+    color: str
+    shape: str
+    box: tuple[int, int, int, int]
+
+
+@dataclass(frozen=True)
+class Question:
+    """One question about an image, its gold one-word answer and its type (category)."""
+
+    text: str
+    answer: str
+    category: str
+
+
+@dataclass(frozen=True)
+class Example:
+    """An image (uint8 [S, S, 3]), its objects and questions about it."""
+
+    image: np.ndarray
+    objects: tuple[Obj, ...]
+    questions: tuple[Question, ...]
+
+
+# ----------------------------------------------------------------------------------------------
+# Scenes and images
+
+
+def rng_for(split: str, index: int) -> np.random.Generator:
+    """The generator of example `index` of `split` (train / val / test)."""
+    if split not in SPLIT_SEEDS:
+        raise ValueError(f"unknown split {split!r}; known: {', '.join(SPLIT_SEEDS)}")
+    return np.random.default_rng((SPLIT_SEEDS[split], int(index)))
+
+
+def make_scene(rng: np.random.Generator, size: int = DEFAULT_IMAGE_SIZE) -> tuple[Obj, ...]:
+    """3-6 objects in distinct cells, at most MAX_PER_SHAPE of any shape."""
+    n = int(rng.integers(3, 7))
+    cells = sorted(int(c) for c in rng.choice(GRID * GRID, n, replace=False))
+    while True:
+        shapes = [SHAPES[int(i)] for i in rng.integers(0, len(SHAPES), n)]
+        if max(shapes.count(s) for s in SHAPES) <= MAX_PER_SHAPE:
+            break
+    colors = [COLOR_NAMES[int(i)] for i in rng.integers(0, len(COLOR_NAMES), n)]
+    cell_px = size / GRID
+    objs = []
+    for cell, color, shape in zip(cells, colors, shapes, strict=True):
+        w = float(rng.uniform(0.55, 0.85)) * cell_px
+        x0 = (cell % GRID) * cell_px + float(rng.uniform(0, cell_px - w))
+        y0 = (cell // GRID) * cell_px + float(rng.uniform(0, cell_px - w))
+        box = (round(x0), round(y0), round(x0 + w) - 1, round(y0 + w) - 1)
+        objs.append(Obj(cell, color, shape, box))
+    return tuple(objs)
+
+
+def _draw(draw: ImageDraw.ImageDraw, obj: Obj, fill: Any) -> None:
+    x0, y0, x1, y1 = obj.box
+    if obj.shape == "circle":
+        draw.ellipse(obj.box, fill=fill)
+    elif obj.shape == "square":
+        draw.rectangle(obj.box, fill=fill)
+    elif obj.shape == "triangle":
+        draw.polygon([((x0 + x1) / 2, y0), (x0, y1), (x1, y1)], fill=fill)
+    else:  # cross: a horizontal and a vertical bar, a third of the box thick
+        t = (x1 - x0) / 3
+        draw.rectangle((x0, y0 + t, x1, y1 - t), fill=fill)
+        draw.rectangle((x0 + t, y0, x1 - t, y1), fill=fill)
+
+
+def render(
+    objs: tuple[Obj, ...], rng: np.random.Generator, size: int = DEFAULT_IMAGE_SIZE
+) -> tuple[np.ndarray, np.ndarray]:
+    """(image uint8 [S,S,3], object map uint8 [S,S]: 0 background, i+1 object i)."""
+    grey = rng.integers(60, 121, (size, size), dtype=np.uint8)
+    img = Image.fromarray(np.repeat(grey[:, :, None], 3, axis=2), "RGB")
+    index = Image.new("L", (size, size), 0)
+    draw, draw_index = ImageDraw.Draw(img), ImageDraw.Draw(index)
+    for i, obj in enumerate(objs):
+        jitter = rng.integers(-15, 16, 3)
+        fill = tuple(int(v) for v in np.clip(np.array(COLORS[obj.color]) + jitter, 0, 255))
+        _draw(draw, obj, fill)
+        _draw(draw_index, obj, i + 1)
+    return np.asarray(img), np.asarray(index)
+
+
+# ----------------------------------------------------------------------------------------------
+# Questions
+
+
+def ask(objs: tuple[Obj, ...], category: str, rng: np.random.Generator) -> Question | None:
+    """A question of `category` about the scene, or None when the scene allows none."""
+    shapes = [o.shape for o in objs]
+    colors = [o.color for o in objs]
+    if category == "color":
+        unique = [s for s in SHAPES if shapes.count(s) == 1]
+        if not unique:
+            return None
+        s = unique[int(rng.integers(len(unique)))]
+        return Question(f"what color is the {s} ?", colors[shapes.index(s)], category)
+    if category == "shape":
+        unique = [c for c in COLOR_NAMES if colors.count(c) == 1]
+        if not unique:
+            return None
+        c = unique[int(rng.integers(len(unique)))]
+        return Question(f"what shape is the {c} object ?", shapes[colors.index(c)], category)
+    if category == "exists":
+        present = {(o.color, o.shape) for o in objs}
+        if rng.random() < 0.5:
+            c, s = sorted(present)[int(rng.integers(len(present)))]
+            return Question(f"is there a {c} {s} ?", "yes", category)
+        absent = [(c, s) for c in COLOR_NAMES for s in SHAPES if (c, s) not in present]
+        # Mostly hard negatives: the colour or the shape is in the image, not together.
+        hard = [(c, s) for c, s in absent if c in colors or s in shapes]
+        pool = hard if hard and rng.random() < 0.75 else absent
+        c, s = pool[int(rng.integers(len(pool)))]
+        return Question(f"is there a {c} {s} ?", "no", category)
+    if category == "count":
+        s = SHAPES[int(rng.integers(len(SHAPES)))]
+        return Question(f"how many {PLURALS[s]} ?", NUMBERS[shapes.count(s)], category)
+    raise ValueError(f"unknown category {category!r}; known: {', '.join(CATEGORIES)}")
+
+
+def example(
+    split: str,
+    index: int,
+    size: int = DEFAULT_IMAGE_SIZE,
+    categories: tuple[str, ...] = CATEGORIES,
+) -> Example:
+    """Example `index` of `split`: one question per entry of `categories` the scene allows."""
+    rng = rng_for(split, index)
+    objs = make_scene(rng, size)
+    image, _ = render(objs, rng, size)
+    qs = [ask(objs, c, rng) for c in categories]
+    return Example(image, objs, tuple(q for q in qs if q is not None))
+
+
+def example_with_maps(
+    split: str, index: int, size: int, categories: tuple[str, ...]
+) -> tuple[Example, np.ndarray]:
+    """`example` plus its object map (0 background, i+1 object i), for auxiliary labels."""
+    rng = rng_for(split, index)
+    objs = make_scene(rng, size)
+    image, index_map = render(objs, rng, size)
+    qs = [ask(objs, c, rng) for c in categories]
+    return Example(image, objs, tuple(q for q in qs if q is not None)), index_map
+
+
+def check_question(objs: tuple[Obj, ...], q: Question) -> None:
+    """Raises ValueError unless `q` is well formed and its answer is right for `objs`."""
+    words = q.text.split()
+    if q.text != q.text.lower() or " ".join(words) != q.text or words[-1] != "?":
+        raise ValueError(f"malformed question {q.text!r}")
+    shapes = [o.shape for o in objs]
+    colors = [o.color for o in objs]
+    if q.category == "color":
+        s = words[4]
+        if shapes.count(s) != 1 or colors[shapes.index(s)] != q.answer:
+            raise ValueError(f"{q.text!r} -> {q.answer!r} is wrong for {objs}")
+    elif q.category == "shape":
+        c = words[4]
+        if colors.count(c) != 1 or shapes[colors.index(c)] != q.answer:
+            raise ValueError(f"{q.text!r} -> {q.answer!r} is wrong for {objs}")
+    elif q.category == "exists":
+        yes = any(o.color == words[3] and o.shape == words[4] for o in objs)
+        if q.answer != ("yes" if yes else "no"):
+            raise ValueError(f"{q.text!r} -> {q.answer!r} is wrong for {objs}")
+    elif q.category == "count":
+        s = {p: s for s, p in PLURALS.items()}[words[2]]
+        if q.answer != NUMBERS[shapes.count(s)]:
+            raise ValueError(f"{q.text!r} -> {q.answer!r} is wrong for {objs}")
+    else:
+        raise ValueError(f"unknown category {q.category!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def vocabulary() -> list[str]:
+    """The word-level vocabulary: specials (ids 0-2), template words, task words."""
+    words: list[str] = list(SPECIAL_TOKENS)
+    for w in (*TEMPLATE_WORDS, *TASK_WORDS):
+        if w not in words:
+            words.append(w)
+    return words
+
+
+def build_tokenizer() -> Any:
+    """A transformers `PreTrainedTokenizerFast`: lower-casing WordLevel over `vocabulary()`.
+
+    `<unk>`=0, `<s>`=1, `</s>`=2; `<image>` and `<pad>` are added special tokens after the
+    words. A post-processor prepends `<s>` (once) to every encoded text.
+    """
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(vocabulary())}
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tok.add_special_tokens(["<unk>", "<s>", "</s>", IMAGE_TOKEN, PAD_TOKEN])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token=PAD_TOKEN,
+        add_bos_token=True,
+        add_eos_token=False,
+        model_max_length=1024,
+    )
+
+
+def demo_model_path() -> Path:
+    """The bundled demo checkpoint (a small LLaVA trained on this task)."""
+    return Path(__file__).resolve().parent / "demo_model"
+
+
+# ----------------------------------------------------------------------------------------------
+# Test set
+
+
+def test_examples(num_images: int = 544, size: int = DEFAULT_IMAGE_SIZE) -> list[Example]:
+    """The test split: one question of each type per image (where the scene allows it)."""
+    return [example("test", i, size) for i in range(num_images)]
+
+
+def write_test(out: str | Path, num_images: int = 544, size: int = DEFAULT_IMAGE_SIZE) -> Path:
+    """Writes `out/images/NNNNN.png` and `out/questions.jsonl` (LLaVA question format).
+
+    Each line: question_id, image (relative to `out/images`), text, category, answer.
+    Returns the JSONL path.
+    """
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, ex in enumerate(test_examples(num_images, size)):
+        name = f"{i:05d}.png"
+        Image.fromarray(ex.image).save(out / "images" / name)
+        for j, q in enumerate(ex.questions):
+            lines.append(
+                {
+                    "question_id": f"{i:05d}-{j}",
+                    "image": name,
+                    "text": q.text,
+                    "category": q.category,
+                    "answer": q.answer,
+                }
+            )
+    path = out / "questions.jsonl"
+    path.write_text("".join(json.dumps(d) + "\n" for d in lines))
+    return path
+
+
+def score(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Accuracy overall and per category of rows with `answer` (gold) and `prediction`."""
+    out: dict[str, Any] = {}
+    for cat in (*CATEGORIES, None):
+        sel = [r for r in rows if cat is None or r["category"] == cat]
+        if sel:
+            acc = sum(r["prediction"].strip().lower() == r["answer"] for r in sel) / len(sel)
+            out[cat or "overall"] = {"accuracy": acc, "n": len(sel)}
+    return out
+
+
+def evaluate(
+    model: str | Path,
+    test_dir: str | Path,
+    sparse: Any = None,
+    batch_size: int = 16,
+    limit: int | None = None,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Runs `LlavaPipeline.generate` on a written test set; (scores, rows with predictions)."""
+    from tqdm import tqdm
+
+    from sparsevlm_jax.config import SparseConfig
+    from sparsevlm_jax.pipeline import LlavaPipeline
+
+    test_dir = Path(test_dir)
+    rows = [json.loads(line) for line in (test_dir / "questions.jsonl").read_text().splitlines()]
+    rows = rows[:limit] if limit else rows
+    pipe = LlavaPipeline.from_pretrained(model)
+    sparse = sparse or SparseConfig()
+    for lo in tqdm(range(0, len(rows), batch_size), desc="eval"):
+        chunk = rows[lo : lo + batch_size]
+        images = [Image.open(test_dir / "images" / r["image"]).convert("RGB") for r in chunk]
+        res = pipe.generate(
+            images,
+            [r["text"] for r in chunk],
+            sparse=sparse,
+            max_new_tokens=4,
+            batch_size=batch_size,
+        )
+        for r, a in zip(chunk, res, strict=True):
+            r["prediction"] = a.text
+    return score(rows), rows
+
+
+def calibrate_model(
+    model: str | Path, num_examples: int = 64, budgets: tuple[int, ...] = (192, 128, 64)
+) -> dict[str, Any]:
+    """Static v1 capacities per named budget from `num_examples` validation questions.
+
+    Runs `sparsevlm_jax.sparse.calibrate.calibrate` (100th percentile) and returns
+    `{"192": {"layers", "capacities", "recycled_capacities"}, ...}` plus how it was made;
+    `write_sparse_defaults` stores it as `sparse_defaults.json` beside the model.
+    """
+    from sparsevlm_jax.checkpoint import load
+    from sparsevlm_jax.config import SparseConfig
+    from sparsevlm_jax.sparse.calibrate import calibrate
+
+    params, cfg = load(model)
+    proc = _processor(model, cfg)
+    pairs = []
+    i = 0
+    while len(pairs) < num_examples:
+        ex = example("val", i, cfg.vision.image_size)
+        pairs += [(Image.fromarray(ex.image), q.text) for q in ex.questions]
+        i += 1
+    pairs = pairs[:num_examples]
+    batches = [
+        proc([p[0] for p in pairs[lo : lo + 16]], [p[1] for p in pairs[lo : lo + 16]])
+        for lo in range(0, len(pairs), 16)
+    ]
+    out: dict[str, Any] = {
+        "method": "v1",
+        "percentile": 100.0,
+        "calibration": f"{num_examples} questions of the shapes task's val split",
+    }
+    for b in budgets:
+        sparse = calibrate(params, cfg, SparseConfig.v1(b, cfg.text.num_hidden_layers), batches)
+        out[str(b)] = {
+            "layers": list(sparse.layers),
+            "capacities": list(sparse.capacities),
+            "recycled_capacities": list(sparse.recycled_capacities),
+        }
+    return out
+
+
+def _processor(model: str | Path, cfg: Any) -> Any:
+    """The `Processor` of a checkpoint directory."""
+    from sparsevlm_jax.processing import Processor
+
+    return Processor.from_pretrained(model, cfg)
+
+
+def write_sparse_defaults(model: str | Path, num_examples: int = 64) -> Path:
+    """Calibrates `model` and writes `sparse_defaults.json` into its directory."""
+    path = Path(model) / "sparse_defaults.json"
+    path.write_text(json.dumps(calibrate_model(model, num_examples), indent=2) + "\n")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`write-test DIR`, `evaluate MODEL DIR` and `calibrate MODEL` commands."""
+    ap = argparse.ArgumentParser(prog="python -m sparsevlm_jax.shapes_task")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    w = sub.add_parser("write-test", help="write the test images and questions.jsonl")
+    w.add_argument("out")
+    w.add_argument("--images", type=int, default=544)
+    w.add_argument("--size", type=int, default=DEFAULT_IMAGE_SIZE)
+    e = sub.add_parser("evaluate", help="dense / sparse accuracy of a model on a test dir")
+    e.add_argument("model")
+    e.add_argument("test_dir")
+    e.add_argument("--sparse", choices=("dense", "v1"), default="dense")
+    e.add_argument("--budget", type=int, default=None)
+    e.add_argument("--limit", type=int, default=None)
+    e.add_argument("--answers", default=None, help="write predictions JSONL here")
+    c = sub.add_parser("calibrate", help="write MODEL/sparse_defaults.json (v1 capacities)")
+    c.add_argument("model")
+    c.add_argument("--examples", type=int, default=64)
+    args = ap.parse_args(argv)
+    if args.cmd == "calibrate":
+        print(write_sparse_defaults(args.model, args.examples).read_text())
+        return 0
+    if args.cmd == "write-test":
+        path = write_test(args.out, args.images, args.size)
+        n = len(path.read_text().splitlines())
+        print(f"wrote {n} questions about {args.images} images to {path}")
+        return 0
+    from sparsevlm_jax.checkpoint import load_config
+    from sparsevlm_jax.config import named_sparse_config
+
+    cfg = load_config(args.model)
+    sparse = named_sparse_config(args.sparse, args.budget, cfg.text.num_hidden_layers)
+    scores, rows = evaluate(args.model, args.test_dir, sparse, limit=args.limit)
+    if args.answers:
+        Path(args.answers).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    print(json.dumps(scores, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
