@@ -685,6 +685,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Runs `sparsevlm_jax.bench` (imported only here: it tunes BLAS/OpenMP threads)."""
+    from sparsevlm_jax import bench
+
+    return bench.main(args.bench_args)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from sparsevlm_jax.demo import run_demo, run_model_demo
 
@@ -738,6 +745,10 @@ skipping the question ids it already holds. --limit N answers the first N questi
     "info": """examples:
   sparsevlm info llava-7b-jax
   sparsevlm info llava-hf/llava-1.5-7b-hf""",
+    "bench": """examples:
+  sparsevlm bench --shape llava-1.5-7b --flops-only --json
+  sparsevlm bench --shape mini
+  sparsevlm bench --shape llava-1.5-7b --dtype bfloat16 --methods v1   (on a GPU)""",
     "demo": """examples:
   sparsevlm demo
   sparsevlm demo --num-images 5 --out demo-pictures
@@ -812,6 +823,15 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("checkpoint", metavar="CKPT", help="checkpoint or transformers directory")
     i.add_argument("--clip", metavar="DIR", help="CLIP directory, for original LLaVA checkpoints")
 
+    bench = command(
+        "bench",
+        "FLOPs, latency, memory and compile time: JAX vs PyTorch, dense vs every method",
+        cmd_bench,
+        add_help=False,  # `sparsevlm bench --help` shows the benchmark's own options
+    )
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    # main() hands `sparsevlm bench ...` to the benchmark's own parser before parsing.
+
     d = command("demo", "dense vs pruned answers of the bundled model, side by side", cmd_demo)
     d.add_argument("--out", metavar="DIR", help="also write the kept-patch pictures here")
     d.add_argument("--model", metavar="CKPT", help="another checkpoint (default: the bundled one)")
@@ -839,6 +859,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the `sparsevlm` command; returns the exit status (argparse usage errors exit 2)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        argv = ["bench", "--", *argv[1:]]  # everything after `bench` is the benchmark's
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
