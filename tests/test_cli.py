@@ -291,8 +291,14 @@ def test_named_presets_of_the_other_methods(work):
     assert v15.layers == (0, 1, 2) and all(1 <= k < NUM_VISUAL for k in v15.schedule)
 
 
-def test_model_is_required(work, capsys):
-    assert cli.default_model_path() is None
+def test_default_model_is_the_bundled_one():
+    from sparsevlm_jax.shapes_task import demo_model_path
+
+    assert cli.default_model_path() == str(demo_model_path())
+
+
+def test_model_is_required_without_a_bundled_one(work, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "default_model_path", lambda: None)
     rc, out, err = run(capsys, "generate", "--image", work / "rgb.png", "--prompt", PROMPT)
     assert_input_error(rc, out, err, "a model is required", "--model")
 

@@ -1,0 +1,194 @@
+"""Prefill FLOPs: XLA cost analysis of the compiled program vs SPEC §8's ideal counts; KV cache.
+
+FLOPs (SPEC §8, "FLOPs = 2 x MACs, MACs/layer = 4nd^2 + 2n^2d + 3ndm"):
+  * XLA: `cost_analysis()["flops"]` of the compiled prefill, lowered with the layer scans
+    unrolled (XLA counts a scan body once) and abstract weights. The vision tower
+    (`model.clip.image_features`, lowered alone) is subtracted: "decoder" = the rest (decoder
+    layers, pruning, final norm and the last token's logits). Counted in float32 by default:
+    XLA:CPU rewrites bfloat16 dots to float32 and its cost model then charges the convert of a
+    layer's WHOLE stacked weight tensor to every layer that slices it (+2.5% on the 7B dense
+    prefill, none of it executed work); the arithmetic is the same in every dtype.
+  * ideal: SPEC §8's count for (u) the prompt plus the equivalent visual tokens in every
+    layer (`ideal_uniform`, the paper's convention), (a) the valid tokens each layer really
+    processes (`ideal_valid`: a pruning layer processes its whole input), (b) the valid prompt
+    tokens plus the static visual slots (`ideal_capacity`) and (c) every slot the program
+    processes, bucket padding included (`ideal_padded`). Abstract runs (no weights) assume
+    budgets fill the buffers, so there (a) == (b).
+  * waste = XLA decoder / ideal - 1, against each ideal: the differences between (a), (b) and
+    (c) are bucket padding and unused capacity; XLA / (c) is the cost of everything that is
+    not a decoder matmul (pruning, norms, softmax, logits).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sparsevlm_jax.batch import Batch
+from sparsevlm_jax.bench.workloads import Workload
+from sparsevlm_jax.config import LlavaConfig, SparseConfig
+from sparsevlm_jax.flops import prefill_flops
+from sparsevlm_jax.generate import prefill_jit
+from sparsevlm_jax.model.clip import image_features
+from sparsevlm_jax.model.llava import KVCache, stage_bounds
+from sparsevlm_jax.params import abstract_params
+from sparsevlm_jax.presets import abstract_batch
+
+
+def visual_slots_per_layer(cfg: LlavaConfig, sparse: SparseConfig) -> list[int]:
+    """Static visual slots each decoder layer processes."""
+    n, v0 = cfg.text.num_hidden_layers, cfg.num_image_tokens
+    if not sparse.enabled:
+        return [v0] * n
+    from sparsevlm_jax.sparse.prune import plan_capacities
+
+    plan = plan_capacities(sparse, v0)
+    per_stage = [c.vis_in for c in plan] + [plan[-1].vis_out]
+    out: list[int] = []
+    for s, (start, stop) in enumerate(stage_bounds(n, sparse)):
+        out += [per_stage[s]] * (stop - start)
+    return out
+
+
+def counts_after_layers(processed: Sequence[int], layers: Sequence[int]) -> list[int]:
+    """Visual count after each layer (SPEC §6): a pruning layer counts what it kept."""
+    n = len(processed)
+    return [int(processed[j + 1] if j in layers and j + 1 < n else processed[j]) for j in range(n)]
+
+
+def ideal_flops(visual: Sequence[int], other: int, cfg: LlavaConfig) -> float:
+    """SPEC §8 prefill FLOPs when layer j processes `other + visual[j]` tokens."""
+    return float(prefill_flops(np.asarray(visual) + other, cfg.text))
+
+
+def token_report(
+    wl: Workload, sparse: SparseConfig, visual_valid: Sequence[int] | None = None
+) -> dict[str, Any]:
+    """Per-layer visual counts (valid and static) and the three SPEC §8 ideals."""
+    slots = visual_slots_per_layer(wl.cfg, sparse)
+    measured = visual_valid is not None
+    valid = list(visual_valid) if measured else slots
+    after = counts_after_layers(valid, sparse.layers if sparse.enabled else ())
+    equivalent = float(np.mean(after))
+    return {
+        "visual_counts_source": "measured" if measured else "capacity (budgets fill buffers)",
+        "visual_tokens_per_layer": [int(v) for v in valid],
+        "visual_slots_per_layer": slots,
+        "visual_counts_after_layer": after,
+        "equivalent_tokens": equivalent,
+        "mean_visual_processed": float(np.mean(valid)),
+        "tokens_per_layer": [int(v) + wl.prompt_tokens for v in valid],
+        "slots_per_layer": [s + wl.prompt_slots for s in slots],
+        "ideal_uniform": ideal_flops([equivalent] * len(valid), wl.prompt_tokens, wl.cfg),
+        "ideal_valid": ideal_flops(valid, wl.prompt_tokens, wl.cfg),
+        "ideal_capacity": ideal_flops(slots, wl.prompt_tokens, wl.cfg),
+        "ideal_padded": ideal_flops(slots, wl.prompt_slots, wl.cfg),
+    }
+
+
+def count_config(wl: Workload) -> LlavaConfig:
+    """The config whose program is counted: unrolled scans, in the count dtype."""
+    return wl.cfg.replace(param_dtype=wl.count_dtype, dtype=wl.count_dtype, unroll_layers=True)
+
+
+def abstract_inputs(wl: Workload, cfg: LlavaConfig) -> tuple[dict, Batch]:
+    return abstract_params(cfg), abstract_batch(cfg, 1, wl.prefix_bucket, wl.text_bucket)
+
+
+def _cost(lowered: Any, compile_: bool) -> dict[str, float]:
+    """FLOPs of a lowered program: pre-optimisation, and compiled unless `compile_` is off."""
+    out = {"flops_lowered": float(lowered.cost_analysis()["flops"])}
+    if compile_:
+        t0 = time.perf_counter()
+        compiled = lowered.compile()
+        out["compile_s"] = time.perf_counter() - t0
+        out["flops_compiled"] = float(compiled.cost_analysis()["flops"])
+    out["flops"] = out.get("flops_compiled", out["flops_lowered"])
+    return out
+
+
+def xla_prefill_cost(
+    wl: Workload, sparse: SparseConfig, compile_: bool
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """XLA FLOPs of the whole prefill (vision tower included), abstract weights; and the KV
+    cache it builds, in the model dtype (`kv_report`)."""
+    cfg = count_config(wl)
+    params, batch = abstract_inputs(wl, cfg)
+    t0 = time.perf_counter()
+    lowered = prefill_jit.lower(params, batch, cfg, sparse, 1)
+    out = {"lower_s": time.perf_counter() - t0, **_cost(lowered, compile_)}
+    kv = kv_report(lowered.out_info[1], sparse, wl.cfg, wl.max_new_tokens)
+    return out, kv
+
+
+def xla_vision_cost(wl: Workload, compile_: bool) -> dict[str, float]:
+    """XLA FLOPs of the vision tower + projector alone (subtracted from the prefill's)."""
+    cfg = count_config(wl)
+    params, batch = abstract_inputs(wl, cfg)
+    fn = jax.jit(image_features, static_argnums=1)
+    return _cost(fn.lower(params, cfg, batch.pixel_values), compile_)
+
+
+def flops_report(
+    wl: Workload, prefill_cost: dict[str, float], vision: dict[str, float], tokens: dict
+) -> dict[str, Any]:
+    """XLA vs ideal FLOPs of one method; waste = XLA decoder / ideal - 1."""
+    decoder = prefill_cost["flops"] - vision["flops"]
+    out: dict[str, Any] = {
+        "xla_total": prefill_cost["flops"],
+        "xla_vision": vision["flops"],
+        "xla_decoder": decoder,
+        "xla_total_lowered": prefill_cost["flops_lowered"],
+        "xla_decoder_lowered": prefill_cost["flops_lowered"] - vision["flops_lowered"],
+    }
+    out["ideal_uniform"] = tokens["ideal_uniform"]
+    for kind in ("valid", "capacity", "padded"):
+        ideal = tokens[f"ideal_{kind}"]
+        out[f"ideal_{kind}"] = ideal
+        out[f"waste_vs_{kind}"] = decoder / ideal - 1.0
+    out["padding_overhead"] = tokens["ideal_padded"] / tokens["ideal_capacity"] - 1.0
+    out["unused_capacity_overhead"] = tokens["ideal_capacity"] / tokens["ideal_valid"] - 1.0
+    return out
+
+
+def add_reductions(results: list[dict[str, Any]]) -> None:
+    """FLOPs ratios and reductions vs the dense entry (in place)."""
+    dense = results[0]["flops"]
+    for r in results:
+        f = r["flops"]
+        r["flops_ratio"] = {
+            "xla_total": f["xla_total"] / dense["xla_total"],
+            "xla_decoder": f["xla_decoder"] / dense["xla_decoder"],
+            "ideal_uniform": f["ideal_uniform"] / dense["ideal_uniform"],
+            "ideal_valid": f["ideal_valid"] / dense["ideal_valid"],
+            "ideal_padded": f["ideal_padded"] / dense["ideal_padded"],
+        }
+        r["flops_reduction"] = {k: 1.0 - v for k, v in r["flops_ratio"].items()}
+
+
+def kv_report(cache: KVCache, sparse: SparseConfig, cfg: LlavaConfig, max_new: int) -> dict:
+    """KV-cache bytes in `cfg.dtype`, in total and per stage, for `max_new` decode slots.
+
+    `cache` holds arrays or ShapeDtypeStructs (e.g. a lowered program's `out_info`) of any
+    dtype and decode room: only the layer counts, prompt lengths and head shapes are read.
+    """
+    bounds = stage_bounds(cfg.text.num_hidden_layers, sparse)
+    itemsize = jnp.dtype(cfg.dtype).itemsize
+    stages, total, prompt_total = [], 0, 0
+    for (start, stop), kv, prompt in zip(bounds, cache.kv, cache.prefill_len, strict=True):
+        layers, batch, _, heads, head_dim = kv.k.shape
+        per_slot = 2 * layers * batch * heads * head_dim * itemsize  # k and v
+        stage = {
+            "layers": [start, stop],
+            "prompt_slots": prompt,
+            "bytes": per_slot * (prompt + max_new),
+            "prompt_bytes": per_slot * prompt,
+        }
+        stages.append(stage)
+        total, prompt_total = total + stage["bytes"], prompt_total + stage["prompt_bytes"]
+    return {"bytes": total, "prompt_bytes": prompt_total, "decode_slots": max_new, "stages": stages}

@@ -1,0 +1,205 @@
+"""The two kinds of run: FLOPs only (abstract lowering) and full (weights, timing, PyTorch)."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import math
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from sparsevlm_jax.batch import make_batch
+from sparsevlm_jax.bench.flops import (
+    add_reductions,
+    flops_report,
+    token_report,
+    xla_prefill_cost,
+    xla_vision_cost,
+)
+from sparsevlm_jax.bench.targets import flops_targets, latency_targets
+from sparsevlm_jax.bench.timing import (
+    JaxMethod,
+    add_latency_ratios,
+    attach_timings,
+    device_memory,
+    hardware_info,
+    limit_blas_threads,
+    round_robin,
+    usable_cores,
+)
+from sparsevlm_jax.bench.torch_side import (
+    add_torch_runners,
+    device_weights,
+    shared_weights,
+    torch_inputs,
+)
+from sparsevlm_jax.bench.workloads import (
+    Options,
+    Workload,
+    bench_sparse_config,
+    method_label,
+    method_list,
+    prompt_ids,
+    random_pixels,
+)
+from sparsevlm_jax.config import LlavaConfig
+from sparsevlm_jax.eval import sparse_to_json
+from sparsevlm_jax.flops import CONVENTION
+from sparsevlm_jax.params import flatten, init_params, param_shapes
+
+SCHEMA = "sparsevlm-bench/1"
+
+
+def report_header(
+    kind: str, wl: Workload, torch_device: str | None, compile_: bool
+) -> dict[str, Any]:
+    return {
+        "schema": SCHEMA,
+        "kind": kind,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "sparsevlm bench",  # completed by main()
+        "hardware": hardware_info(torch_device),
+        "workload": wl.describe(),
+        "flops_convention": CONVENTION,
+        "xla_count": {
+            "source": "compiled" if compile_ else "lowered",
+            "dtype": wl.count_dtype,
+            "how": "prefill_jit lowered with unroll_layers=True and abstract weights; "
+            "decoder = prefill - vision tower (image_features lowered alone)",
+        },
+    }
+
+
+def run_flops(
+    wl: Workload, compile_: bool, quiet: bool, methods: Sequence[str] = ()
+) -> dict[str, Any]:
+    """XLA-counted and ideal prefill FLOPs of every method, by abstract lowering."""
+    from tqdm.auto import tqdm
+
+    vision = xla_vision_cost(wl, compile_)
+    results = []
+    for method, budget in tqdm(method_list(methods), desc=f"FLOPs {wl.shape}", disable=quiet):
+        sparse = bench_sparse_config(method, budget, wl.cfg)
+        cost, kv = xla_prefill_cost(wl, sparse, compile_)
+        tokens = token_report(wl, sparse)
+        results.append(
+            {
+                "method": method,
+                "budget": budget,
+                "label": method_label(method, budget),
+                "sparse_config": sparse_to_json(sparse),
+                **tokens,
+                "flops": flops_report(wl, cost, vision, tokens),
+                "xla_count_program": {k: cost[k] for k in ("lower_s", "compile_s") if k in cost},
+                "kv_cache": kv,
+            }
+        )
+    add_reductions(results)
+    return {
+        **report_header("flops", wl, None, compile_),
+        "vision_count": vision,
+        "results": results,
+        "targets": flops_targets(results),
+    }
+
+
+def pick_init(cfg: LlavaConfig, init: str, torch_on: bool) -> str:
+    """`convert` (same weights on both sides) for small models, `device` for large ones."""
+    if init != "auto":
+        return init
+    n = sum(math.prod(s) for s in flatten(param_shapes(cfg)).values())
+    return "convert" if torch_on and n < 1e9 else "device"
+
+
+def build_models(wl: Workload, opts: Options) -> tuple[Any, dict, Workload, str]:
+    """(torch model or None, JAX params, workload with the model's config, init used)."""
+    init = pick_init(wl.cfg, opts.init, opts.torch)
+    if init == "convert":
+        model, params, cfg = shared_weights(wl.cfg, opts.torch_device, opts.seed)
+        return model, params, dataclasses.replace(wl, cfg=cfg), init
+    if init == "host":
+        return None, init_params(wl.cfg, opts.seed), wl, init
+    model, params = device_weights(wl.cfg, opts.torch_device if opts.torch else None, opts.seed)
+    return model, params, wl, init
+
+
+def run_full(wl: Workload, opts: Options) -> dict[str, Any]:
+    """Latency, TTFT, decode step, compile time, memory and FLOPs of every method, JAX and
+    PyTorch, on the default device."""
+    from tqdm.auto import tqdm
+
+    load_start = list(os.getloadavg())
+    blas = limit_blas_threads(opts.blas_threads or usable_cores())
+    if opts.torch:
+        import torch
+
+        torch.set_num_threads(opts.threads or usable_cores())
+    model, params, wl, init = build_models(wl, opts)
+    prefix, text = prompt_ids(wl, opts.seed)
+    pixels = random_pixels(wl.cfg, opts.seed)
+    batch_host, _ = make_batch([prefix], [text], pixels)
+    vision = xla_vision_cost(wl, opts.compile_count)
+
+    entries: list[dict[str, Any]] = []
+    prefill_fns: dict[str, Callable[[], Any]] = {}
+    ttft_fns: dict[str, Callable[[], Any]] = {}
+    decode_fns: dict[str, Callable[[], Any]] = {}
+    ids = pix = None
+    if model is not None:
+        ids, pix = torch_inputs(wl, prefix, text, pixels, opts.torch_device)
+    for method, budget in tqdm(method_list(opts.methods), desc="compile", disable=opts.quiet):
+        label = method_label(method, budget)
+        sparse = bench_sparse_config(method, budget, wl.cfg)
+        jm = JaxMethod(params, wl, sparse, batch_host)
+        cost, _ = xla_prefill_cost(wl, sparse, opts.compile_count)
+        tokens = token_report(wl, sparse, jm.visual_valid())
+        entry: dict[str, Any] = {
+            "method": method,
+            "budget": budget,
+            "label": label,
+            "sparse_config": sparse_to_json(sparse),
+            **tokens,
+            "flops": flops_report(wl, cost, vision, tokens),
+            "pruning": jm.pruning_stats(),
+            "jax": {"compile_s": jm.compile_s, "memory": jm.memory, "kv_cache": jm.kv},
+            "torch": {},
+        }
+        entry["jax"]["memory"]["device_after_warmup"] = device_memory()
+        prefill_fns[f"jax/{label}"] = jm.prefill
+        ttft_fns[f"jax/{label}"] = jm.ttft
+        decode_fns[f"jax/{label}"] = jm.decode
+        if model is not None:
+            add_torch_runners(entry, model, ids, pix, sparse, jm, opts, prefill_fns, decode_fns)
+            ttft_fns.update(entry.pop("_ttft"))
+        entries.append(entry)
+
+    steps = opts.decode_repeat
+    if wl.max_new_tokens < opts.warmup + steps + 2:
+        raise ValueError(f"--max-new-tokens must be at least {opts.warmup + steps + 2}")
+    timings = {
+        "prefill": round_robin(prefill_fns, opts.warmup, opts.repeat, "prefill", opts.quiet),
+        "ttft": round_robin(ttft_fns, 0, opts.ttft_repeat, "ttft", opts.quiet),
+        "decode_step": round_robin(decode_fns, opts.warmup, steps, "decode", opts.quiet),
+    }
+    attach_timings(entries, timings)
+    add_reductions(entries)
+    add_latency_ratios(entries)
+    report = {
+        **report_header("full", wl, opts.torch_device if opts.torch else None, opts.compile_count),
+        "init": init,
+        "timing": {
+            "warmup": opts.warmup,
+            "repeat": opts.repeat,
+            "decode_steps": steps,
+            "ttft_repeat": opts.ttft_repeat,
+            "order": "round-robin over implementations, rotating",
+        },
+        "vision_count": vision,
+        "results": entries,
+    }
+    report["hardware"]["load_average_start"] = load_start
+    report["hardware"]["load_average_end"] = list(os.getloadavg())
+    report["hardware"]["openblas_threads_set"] = blas
+    report["targets"] = flops_targets(entries) + latency_targets(entries)
+    return report

@@ -1,0 +1,123 @@
+"""Targets of a report (reported, never asserted): FLOPs reduction, waste, latency."""
+
+from __future__ import annotations
+
+from typing import Any
+
+# SparseVLM paper: prefill FLOPs reduction on LLaVA-1.5-7B; SPEC §8's ideal ranges. Checked
+# for the SparseVLM methods (FastV and random are baselines, shown without a target).
+PAPER_METHODS = ("v1", "v1_5", "v2_0")
+PAPER_REDUCTION = {192: 0.54, 64: 0.78}
+SPEC_IDEAL_REDUCTION = {192: (0.57, 0.59), 64: (0.75, 0.78)}
+WASTE_TARGET = 0.05
+LATENCY_VS_FLOPS_TARGET = 0.15
+SPARSE_SPEEDUP_TARGET = 1.5
+
+
+def target(
+    name: str, measured: float | None, goal: str, met: bool | None, detail: str, unit: str = "%"
+) -> dict[str, Any]:
+    """One target row; `unit` says how `measured` reads: "%" / "+%" (a fraction, signed) or
+    "x" (a ratio)."""
+    return {
+        "name": name,
+        "measured": measured,
+        "unit": unit,
+        "goal": goal,
+        "met": met,
+        "detail": detail,
+    }
+
+
+def _min_ratio(entry: dict[str, Any], impl: str) -> str:
+    t, j = entry["torch"].get(impl, {}).get("prefill"), entry["jax"].get("prefill")
+    return f"{t['min_ms'] / j['min_ms']:.2f}x" if t and j else "–"
+
+
+def _eq(entry: dict[str, Any], impl: str) -> str:
+    eq = entry["torch"].get(impl, {}).get("equivalent_tokens")
+    return "–" if eq is None else f"{eq:.1f}"
+
+
+def flops_targets(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """FLOPs reduction vs the paper and static-capacity waste, per preset."""
+    out = []
+    for e in entries[1:]:
+        red = e["flops_reduction"]["xla_decoder"]
+        paper = PAPER_REDUCTION.get(e["budget"]) if e["method"] in PAPER_METHODS else None
+        if paper is not None:
+            lo, hi = SPEC_IDEAL_REDUCTION[e["budget"]]
+            out.append(
+                target(
+                    f"{e['label']}: XLA decoder FLOPs reduction vs dense",
+                    red,
+                    f">= {paper:.0%} (paper); SPEC ideal {lo:.0%}-{hi:.0%}",
+                    red >= paper,
+                    f"ideal {e['flops_reduction']['ideal_uniform']:.1%} at "
+                    f"{e['equivalent_tokens']:.1f} equivalent tokens in every layer (the paper's "
+                    f"convention), {e['flops_reduction']['ideal_valid']:.1%} for the tokens each "
+                    f"layer really processes (mean {e['mean_visual_processed']:.1f}), "
+                    f"{e['flops_reduction']['ideal_padded']:.1%} with bucket padding",
+                )
+            )
+        for kind in ("valid", "padded"):
+            w = e["flops"][f"waste_vs_{kind}"]
+            out.append(
+                target(
+                    f"{e['label']}: static-capacity waste vs ideal ({kind})",
+                    w,
+                    f"< {WASTE_TARGET:.0%}",
+                    w < WASTE_TARGET,
+                    "XLA decoder FLOPs / SPEC §8 ideal - 1",
+                    unit="+%",
+                )
+            )
+    return out
+
+
+def latency_targets(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Latency vs FLOPs ratio, dense JAX vs transformers, sparse JAX vs the reference."""
+    out = []
+    for e in entries[1:]:
+        gap = e["ratios"].get("latency_vs_xla_total_flops")
+        if gap is not None:
+            out.append(
+                target(
+                    f"{e['label']}: sparse/dense prefill latency vs XLA FLOPs ratio",
+                    gap,
+                    f"within ±{LATENCY_VS_FLOPS_TARGET:.0%}",
+                    abs(gap) <= LATENCY_VS_FLOPS_TARGET,
+                    f"latency ratio {e['ratios']['prefill_latency_ratio']:.3f}, "
+                    f"XLA FLOPs ratio {e['flops_ratio']['xla_total']:.3f}",
+                    unit="+%",
+                )
+            )
+    dense = entries[0]["ratios"].get("torch_over_jax_prefill")
+    if dense is not None:
+        out.append(
+            target(
+                "dense: transformers / JAX prefill latency",
+                dense,
+                ">= 1.0x (JAX no slower)",
+                dense >= 1.0,
+                "median over rounds; min over rounds: " + _min_ratio(entries[0], "torch"),
+                unit="x",
+            )
+        )
+    for e in entries[1:]:
+        for impl, what in (("torch", "reference"), ("torch_matched", "reference, JAX's counts")):
+            s = e["ratios"].get(f"{impl}_over_jax_prefill")
+            if s is not None:
+                out.append(
+                    target(
+                        f"{e['label']}: PyTorch {what} / JAX prefill latency",
+                        s,
+                        f">= {SPARSE_SPEEDUP_TARGET}x",
+                        s >= SPARSE_SPEEDUP_TARGET,
+                        f"median over rounds (min over rounds: {_min_ratio(e, impl)}); "
+                        f"equivalent tokens PyTorch {_eq(e, impl)} vs JAX "
+                        f"{e['equivalent_tokens']:.1f}",
+                        unit="x",
+                    )
+                )
+    return out
