@@ -1,0 +1,735 @@
+"""Trains the demo LLaVA (the project's own architecture) from scratch on the shapes task.
+
+    python -m sparsevlm_jax.train --out DIR [--steps N] [--resume] [--preset demo|tiny]
+
+Recipe (see benchmarks/train_logs/README.md for what was tried):
+  * Prefix sharing: each image is asked `questions_per_image` questions in ONE packed sequence
+    `[system prompt + USER: | image | q1 a1 </s> | q2 a2 </s> | ...]`; every question block
+    attends to the shared prefix + image and causally to itself only, with positions restarting
+    after the image, so each block computes exactly what the lone prompt would (checked by
+    tests/test_train.py against `prefill`). The image and the long template run once per image.
+  * Loss: cross-entropy on the answer word and the EOS after it, plus auxiliary losses whose
+    heads are not shipped: per-patch linear heads on the projected image features (colour /
+    shape of the object under the patch and in the patch's grid cell), supervision of decoder
+    head 0's attention (layer 0: from the question's colour / shape words to the objects with
+    that colour / shape; layer `attn_layer`: from the answer slot to the objects asked about),
+    and the answer predicted at the question's last colour / shape word.
+  * AdamW with linear warmup and cosine decay, global-norm clipping; seeded data, orbax
+    checkpoints every `--save-every` steps that `--resume` continues from.
+
+Outputs in DIR: `ckpt/` (train state), `model/` (the latest model in our checkpoint format,
+with tokenizer) and `best/` (best validation accuracy so far), `train_config.json`; the
+learning curve goes to `--log-dir` as `<name>.jsonl` and `<name>.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from sparsevlm_jax import shapes_task as st
+from sparsevlm_jax.config import LlavaConfig, TextConfig, VisionConfig
+from sparsevlm_jax.model import llama
+from sparsevlm_jax.model.clip import image_features
+from sparsevlm_jax.params import Params, init_params
+from sparsevlm_jax.processing import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Processor
+
+Array = jax.Array
+BLOCK_LEN = 12  # slots per question block: longest question text + answer + EOS is 11
+NUM_AUX_COLORS = len(st.COLOR_NAMES) + 1  # 0 = nothing
+NUM_AUX_SHAPES = len(st.SHAPES) + 1
+# Weights of the per-patch heads (patch colour, patch shape, cell colour, cell shape): colour
+# is learnt in a few dozen steps, shape is the vision tower's bottleneck.
+AUX_HEAD_WEIGHTS = (0.25, 1.0, 0.25, 1.0)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a training run (saved beside its checkpoints)."""
+
+    preset: str = "demo"
+    steps: int = 1000
+    images_per_batch: int = 8
+    questions_per_image: int = 16
+    lr: float = 1.5e-3
+    warmup: int = 60
+    weight_decay: float = 0.05
+    aux_weight: float = 1.0
+    attn_weight: float = 0.5
+    seed: int = 0
+    save_every: int = 50
+    eval_every: int = 50
+    val_images: int = 128
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        return cls(**{k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(cls)}})
+
+
+# ----------------------------------------------------------------------------------------------
+# Model config and tokenizer
+
+
+def model_config(preset: str, tokenizer: Any) -> LlavaConfig:
+    """The LlavaConfig of a preset ("demo": the shipped model, "tiny": for tests)."""
+    vocab = int(math.ceil(len(tokenizer) / 8) * 8)
+    ids = dict(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    image_id = tokenizer.convert_tokens_to_ids(st.IMAGE_TOKEN)
+    if preset == "demo":
+        vision = VisionConfig(
+            hidden_size=128,
+            intermediate_size=512,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=224,
+            patch_size=14,
+        )
+        text = TextConfig(
+            vocab_size=vocab,
+            hidden_size=128,
+            intermediate_size=384,
+            num_hidden_layers=8,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            head_dim=32,
+            max_position_embeddings=512,
+            **ids,
+        )
+    elif preset == "tiny":
+        vision = VisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=56,
+            patch_size=14,
+        )
+        text = TextConfig(
+            vocab_size=vocab,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            head_dim=16,
+            max_position_embeddings=512,
+            **ids,
+        )
+    else:
+        raise ValueError(f"unknown preset {preset!r} (demo, tiny)")
+    return LlavaConfig(
+        vision=vision, text=text, image_token_index=image_id, vision_feature_layer=-1
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Packed batches
+
+
+@dataclass
+class Packed:
+    """Numpy arrays of one packed batch (B images, Q question blocks of BLOCK_LEN slots).
+
+    pixel_values [B,H,W,3] f32; prefix_ids [P] (shared by all rows); block_ids, block_valid,
+    targets [B,Q,BLOCK_LEN] (targets -1 where no loss); answer_ids, category [B,Q];
+    patch_labels [B,Np,4] int32 (patch colour, patch shape, cell colour, cell shape);
+    attn_targets [B,Q,Np] float32: where the answer slot should look (a distribution over the
+    patches of the objects the question is about; all zero = not supervised);
+    word_slots [B,Q,2] int32: block offsets of the question's colour / shape words and
+    word_targets [B,Q,2,Np]: the patches of the objects with that colour / shape;
+    key_targets [B,Q,BLOCK_LEN]: the answer at the question's last colour / shape word (an
+    auxiliary target: the model answers where the information first meets), -1 elsewhere.
+    """
+
+    pixel_values: np.ndarray
+    prefix_ids: np.ndarray
+    block_ids: np.ndarray
+    block_valid: np.ndarray
+    targets: np.ndarray
+    answer_ids: np.ndarray
+    category: np.ndarray
+    patch_labels: np.ndarray
+    attn_targets: np.ndarray
+    word_slots: np.ndarray
+    word_targets: np.ndarray
+    key_targets: np.ndarray
+
+    def device(self) -> dict[str, Array]:
+        return {k: jnp.asarray(v) for k, v in dataclasses.asdict(self).items()}
+
+
+def normalise(image: np.ndarray) -> np.ndarray:
+    """uint8 [S,S,3] -> CLIP-normalised float32 (what `Processor` gives for a square image)."""
+    mean, std = np.asarray(OPENAI_CLIP_MEAN), np.asarray(OPENAI_CLIP_STD)
+    return ((image / 255.0 - mean) / std).astype(np.float32)
+
+
+def patch_objects(index_map: np.ndarray, patch: int) -> np.ndarray:
+    """[Np]: 1 + index of the object covering >= 30% of each patch, 0 for background."""
+    g = index_map.shape[0] // patch
+    blocks = index_map[: g * patch, : g * patch].reshape(g, patch, g, patch).transpose(0, 2, 1, 3)
+    blocks = blocks.reshape(g * g, patch * patch)
+    covered = (blocks > 0).mean(axis=1) >= 0.3
+    return np.where(covered, blocks.max(axis=1), 0)
+
+
+def relevant_objects(objs: tuple[st.Obj, ...], q: st.Question) -> list[int]:
+    """Indices of the objects a question is about (empty: no attention target).
+
+    color / shape: the one object named; exists: the matching object, or for "no" the
+    objects sharing its colour or shape; count: not supervised (attention averages, so the
+    count has to come from elsewhere).
+    """
+    w = q.text.split()
+    if q.category == "color":
+        return [i for i, o in enumerate(objs) if o.shape == w[4]]
+    if q.category == "shape":
+        return [i for i, o in enumerate(objs) if o.color == w[4]]
+    if q.category == "exists":
+        both = [i for i, o in enumerate(objs) if o.color == w[3] and o.shape == w[4]]
+        return both or [i for i, o in enumerate(objs) if o.color == w[3] or o.shape == w[4]]
+    return []
+
+
+def attention_target(objs: tuple[st.Obj, ...], q: st.Question, obj_map: np.ndarray) -> np.ndarray:
+    """[Np] distribution over the patches of `relevant_objects` (zeros when there are none)."""
+    rel = np.isin(obj_map - 1, relevant_objects(objs, q)) & (obj_map > 0)
+    return (rel / max(rel.sum(), 1)).astype(np.float32)
+
+
+def word_targets(
+    objs: tuple[st.Obj, ...], q: st.Question, obj_map: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(slots [2], targets [2, Np]) for the (up to two) colour / shape words of a question.
+
+    Each such word should look at the patches of every object with that colour / shape; a
+    word naming nothing in the image (or a missing word) gets an all-zero target.
+    """
+    plural = {v: k for k, v in st.PLURALS.items()}
+    slots = np.zeros(2, np.int32)
+    targets = np.zeros((2, obj_map.shape[0]), np.float32)
+    k = 0
+    for i, w in enumerate(q.text.split()):
+        w = plural.get(w, w)
+        if k < 2 and (w in st.COLORS or w in st.SHAPES):
+            rel = [j for j, o in enumerate(objs) if w in (o.color, o.shape)]
+            mask = np.isin(obj_map - 1, rel) & (obj_map > 0)
+            slots[k], targets[k] = i, mask / max(mask.sum(), 1)
+            k += 1
+    return slots, targets
+
+
+def patch_labels(ex: st.Example, index_map: np.ndarray, patch: int) -> np.ndarray:
+    """[Np, 4]: colour / shape of the object covering >= 30% of each patch, and of its cell."""
+    g = index_map.shape[0] // patch
+    col = np.array([0] + [st.COLOR_NAMES.index(o.color) + 1 for o in ex.objects])
+    shp = np.array([0] + [st.SHAPES.index(o.shape) + 1 for o in ex.objects])
+    obj = patch_objects(index_map, patch)
+    cell_obj = np.zeros(st.GRID * st.GRID, np.int64)
+    for i, o in enumerate(ex.objects):
+        cell_obj[o.cell] = i + 1
+    rows, cols = np.divmod(np.arange(g * g), g)
+    cells = (rows * st.GRID // g) * st.GRID + cols * st.GRID // g
+    cobj = cell_obj[cells]
+    return np.stack([col[obj], shp[obj], col[cobj], shp[cobj]], axis=1).astype(np.int32)
+
+
+def make_packed(
+    processor: Processor,
+    split: str,
+    indices: list[int],
+    categories: tuple[str, ...],
+    cfg: LlavaConfig,
+) -> Packed:
+    """Packs examples `indices` of `split`, asking `categories` (one block each) per image.
+
+    A category the scene does not allow is replaced by a counting question, so every row has
+    exactly len(categories) blocks.
+    """
+    tok = processor.tokenizer
+    size, q = cfg.vision.image_size, len(categories)
+    pix, blocks, valid, targets, answers, cats, labels, attn = [], [], [], [], [], [], [], []
+    wslots, wtargets, keys = [], [], []
+    prefix: list[int] | None = None
+    for idx in indices:
+        rng = st.rng_for(split, idx)
+        objs = st.make_scene(rng, size)
+        image, index_map = st.render(objs, rng, size)
+        qs = [st.ask(objs, c, rng) or st.ask(objs, "count", rng) for c in categories]
+        ex = st.Example(image, objs, tuple(qs))
+        pix.append(normalise(image))
+        labels.append(patch_labels(ex, index_map, cfg.vision.patch_size))
+        obj_map = patch_objects(index_map, cfg.vision.patch_size)
+        attn.append(np.stack([attention_target(objs, x, obj_map) for x in ex.questions]))
+        words = [word_targets(objs, x, obj_map) for x in ex.questions]
+        wslots.append(np.stack([w[0] for w in words]))
+        wtargets.append(np.stack([w[1] for w in words]))
+        b = np.zeros((q, BLOCK_LEN), np.int32)
+        v = np.zeros((q, BLOCK_LEN), bool)
+        t = np.full((q, BLOCK_LEN), -1, np.int32)
+        a = np.zeros(q, np.int32)
+        for j, question in enumerate(ex.questions):
+            pre, text = processor.encode(question.text)
+            prefix = pre if prefix is None else prefix
+            if pre != prefix:
+                raise ValueError("the prompt prefix must be the same for every question")
+            ans = tok.convert_tokens_to_ids(question.answer)
+            ids = [*text, ans, tok.eos_token_id]
+            b[j, : len(ids)], v[j, : len(ids)] = ids, True
+            t[j, len(text) - 1], t[j, len(text)] = ans, tok.eos_token_id
+            a[j] = ans
+        kt = np.full((q, BLOCK_LEN), -1, np.int32)
+        for j, (slots, _) in enumerate(words):
+            kt[j, slots.max()] = a[j]
+        keys.append(kt)
+        blocks.append(b)
+        valid.append(v)
+        targets.append(t)
+        answers.append(a)
+        cats.append([st.CATEGORIES.index(x.category) for x in ex.questions])
+    return Packed(
+        np.stack(pix),
+        np.asarray(prefix, np.int32),
+        np.stack(blocks),
+        np.stack(valid),
+        np.stack(targets),
+        np.stack(answers),
+        np.asarray(cats, np.int32),
+        np.stack(labels),
+        np.stack(attn),
+        np.stack(wslots),
+        np.stack(wtargets),
+        np.stack(keys),
+    )
+
+
+def train_categories(n: int, rng: np.random.Generator) -> tuple[str, ...]:
+    """n question types for one image: each type n // 4 times, the rest drawn at random."""
+    base = [c for c in st.CATEGORIES for _ in range(n // len(st.CATEGORIES))]
+    extra = [st.CATEGORIES[int(i)] for i in rng.integers(0, 4, n - len(base))]
+    return tuple(base + extra)
+
+
+def train_batch(processor: Processor, cfg: LlavaConfig, tc: TrainConfig, step: int) -> Packed:
+    """The training batch of `step` (a pure function of seed and step, so resume is exact)."""
+    rng = np.random.default_rng((tc.seed, step))
+    cats = train_categories(tc.questions_per_image, rng)
+    start = (step * tc.images_per_batch + tc.seed * 10_000_019) % (2**31 - 1)
+    return make_packed(
+        processor, "train", list(range(start, start + tc.images_per_batch)), cats, cfg
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Packed forward and loss
+
+
+def packed_mask(prefix_len: int, num_image: int, q: int) -> tuple[np.ndarray, np.ndarray]:
+    """Static attention structure [L, L] and relative positions [L] of a packed sequence."""
+    shared = prefix_len + num_image
+    length = shared + q * BLOCK_LEN
+    block = np.full(length, -1)
+    block[shared:] = np.repeat(np.arange(q), BLOCK_LEN)
+    i, j = np.arange(length)[:, None], np.arange(length)[None, :]
+    causal = j <= i
+    same = (block[:, None] == block[None, :]) & (block[None, :] >= 0)
+    allowed = (block[None, :] < 0) & ((block[:, None] >= 0) | causal)
+    allowed |= same & causal
+    pos = np.arange(length)
+    pos[shared:] = shared + np.tile(np.arange(BLOCK_LEN), q)
+    return allowed, pos
+
+
+def packed_forward(
+    params: Params, cfg: LlavaConfig, batch: dict[str, Array], with_attn: bool = False
+) -> tuple[Array, Array] | tuple[Array, Array, Array]:
+    """(logits [B,Q,BLOCK_LEN,vocab] of the question blocks, image features [B,Np,D]).
+
+    with_attn: also return log attention probabilities to the image patches of head 0: from
+    each block's answer slot at layer `attn_layer(cfg)` [B,Q,Np], and from its word slots at
+    layer 0 [B,Q,2,Np].
+    """
+    tcfg = cfg.text
+    feats = image_features(params, cfg, batch["pixel_values"])
+    b, nimg, d = feats.shape
+    q = batch["block_ids"].shape[1]
+    table = params["text"]["embed_tokens"]
+    prefix = jnp.take(table, batch["prefix_ids"], axis=0)
+    p = prefix.shape[0]
+    x = jnp.concatenate(
+        [
+            jnp.broadcast_to(prefix, (b, p, d)),
+            feats,
+            jnp.take(table, batch["block_ids"].reshape(b, q * BLOCK_LEN), axis=0),
+        ],
+        axis=1,
+    )
+    allowed, pos = packed_mask(p, nimg, q)
+    key_valid = jnp.concatenate(
+        [jnp.ones((b, p + nimg), bool), batch["block_valid"].reshape(b, q * BLOCK_LEN)], axis=1
+    )
+    mask = jnp.asarray(allowed)[None] & key_valid[:, None, :]
+    # Valid block slots are contiguous from the block start, so relative positions are exact.
+    positions = jnp.broadcast_to(jnp.asarray(pos, jnp.int32), (b, x.shape[1]))
+    layers = params["text"]["layers"]
+
+    def body(h, i):
+        out, _, _, _ = llama.prefill_layer(llama.layer_params(layers, i), tcfg, h, positions, mask)
+        return out, None
+
+    if not with_attn:
+        x, _ = jax.lax.scan(body, x, jnp.arange(tcfg.num_hidden_layers))
+        logits = llama.lm_head(params["text"], tcfg, x[:, p + nimg :])
+        return logits.reshape(b, q, BLOCK_LEN, -1), feats
+    layer = attn_layer(cfg)
+    x, q_w, k_w, _ = llama.prefill_layer(llama.layer_params(layers, 0), tcfg, x, positions, mask)
+    x, _ = jax.lax.scan(body, x, jnp.arange(1, layer))
+    x, q_a, k_a, _ = llama.prefill_layer(
+        llama.layer_params(layers, layer), tcfg, x, positions, mask
+    )
+    x, _ = jax.lax.scan(body, x, jnp.arange(layer + 1, tcfg.num_hidden_layers))
+    logits = llama.lm_head(params["text"], tcfg, x[:, p + nimg :])
+    starts = p + nimg + jnp.arange(q)[None] * BLOCK_LEN  # [1,Q]
+    first = jnp.argmax(batch["targets"] >= 0, axis=-1)  # [B,Q] the answer slot of each block
+    answer = slot_logp(q_a, k_a, mask, starts + first, tcfg.head_dim)[..., p : p + nimg]
+    words = (starts[..., None] + batch["word_slots"]).reshape(b, q * 2)
+    words = slot_logp(q_w, k_w, mask, words, tcfg.head_dim)[..., p : p + nimg]
+    return logits.reshape(b, q, BLOCK_LEN, -1), feats, answer, words.reshape(b, q, 2, nimg)
+
+
+def slot_logp(qs: Array, ks: Array, mask: Array, slots: Array, head_dim: int) -> Array:
+    """Log attention probabilities [B,S,L] of head 0 from query slots [B,S]."""
+    q0 = jnp.take_along_axis(qs[:, :, 0], slots[..., None], axis=1)  # [B,S,H]
+    scores = jnp.einsum("bsh,bkh->bsk", q0, ks[:, :, 0], preferred_element_type=jnp.float32)
+    row_mask = jnp.take_along_axis(mask, slots[..., None], axis=1)
+    scores = jnp.where(row_mask, scores / math.sqrt(head_dim), llama.NEG_INF)
+    return jax.nn.log_softmax(scores, axis=-1)
+
+
+def attn_layer(cfg: LlavaConfig) -> int:
+    """The decoder layer whose head 0 is taught where to look (a third of the way up)."""
+    return max(cfg.text.num_hidden_layers // 4, 1) if cfg.text.num_hidden_layers > 1 else 0
+
+
+def init_aux(cfg: LlavaConfig, seed: int) -> Params:
+    """The auxiliary per-patch heads (not shipped): [D, 7] colour and [D, 5] shape, twice."""
+    rng = np.random.default_rng(seed + 1)
+    d = cfg.text.hidden_size
+    sizes = [NUM_AUX_COLORS, NUM_AUX_SHAPES, NUM_AUX_COLORS, NUM_AUX_SHAPES]
+    return {
+        f"head{i}": {
+            "kernel": jnp.asarray(rng.normal(0, 0.02, (d, n)), jnp.float32),
+            "bias": jnp.zeros((n,), jnp.float32),
+        }
+        for i, n in enumerate(sizes)
+    }
+
+
+def cross_entropy(logits: Array, labels: Array, weight: Array) -> Array:
+    """Mean of softmax cross-entropy over entries with weight (labels clipped to >= 0)."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, jnp.maximum(labels, 0)[..., None], axis=-1)[..., 0]
+    return jnp.sum(nll * weight) / jnp.maximum(jnp.sum(weight), 1.0)
+
+
+def loss_fn(
+    trainable: dict[str, Params],
+    cfg: LlavaConfig,
+    batch: dict[str, Array],
+    aux_weight: float,
+    attn_weight: float,
+) -> tuple[Array, dict[str, Array]]:
+    """Answer + EOS cross-entropy, plus `aux_weight` times the per-patch auxiliary loss, plus
+    `attn_weight` times the cross-entropy of the supervised attention head."""
+    logits, feats, answer_logp, word_logp = packed_forward(
+        trainable["params"], cfg, batch, with_attn=True
+    )
+    t, tw = batch["attn_targets"], batch["word_targets"]
+    attn = -jnp.sum(t * answer_logp) / jnp.maximum(jnp.sum(t), 1.0)
+    attn = attn - jnp.sum(tw * word_logp) / jnp.maximum(jnp.sum(tw), 1.0)
+    keys = batch["key_targets"]
+    key = cross_entropy(logits, keys, (keys >= 0).astype(jnp.float32))
+    targets = batch["targets"]
+    main = cross_entropy(logits, targets, (targets >= 0).astype(jnp.float32))
+    aux = 0.0
+    feats32 = feats.astype(jnp.float32)
+    weighted = 0.0
+    for i, w in enumerate(AUX_HEAD_WEIGHTS):
+        head = trainable["aux"][f"head{i}"]
+        aux_logits = feats32 @ head["kernel"] + head["bias"]
+        labels = batch["patch_labels"][..., i]
+        ce = cross_entropy(aux_logits, labels, jnp.ones(labels.shape, jnp.float32))
+        aux, weighted = aux + ce / 4, weighted + w * ce
+    total = main + aux_weight * weighted + attn_weight * attn + aux_weight * key
+    return total, {"loss": main, "aux_loss": aux, "attn_loss": attn, "key_loss": key}
+
+
+def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+    """AdamW (decay on matrices only), warmup + cosine schedule, global-norm clipping."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, tc.lr, max(tc.warmup, 1), max(tc.steps, tc.warmup + 1), end_value=tc.lr * 0.02
+    )
+
+    def decay_mask(tree: Any) -> Any:
+        return jax.tree_util.tree_map_with_path(
+            lambda path, x: x.ndim >= 2 and "norm" not in jax.tree_util.keystr(path), tree
+        )
+
+    return optax.chain(
+        optax.clip_by_global_norm(1.0),
+        optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=tc.weight_decay, mask=decay_mask),
+    )
+
+
+@functools.partial(
+    jax.jit, static_argnames=("cfg", "opt", "aux_weight", "attn_weight"), donate_argnums=(0,)
+)
+def train_step(
+    state: dict[str, Any],
+    batch: dict[str, Array],
+    cfg: LlavaConfig,
+    opt: optax.GradientTransformation,
+    aux_weight: float,
+    attn_weight: float = 0.0,
+) -> tuple[dict[str, Any], dict[str, Array]]:
+    """One AdamW step on state {"params", "aux", "opt_state"}; returns (state, metrics)."""
+    trainable = {"params": state["params"], "aux": state["aux"]}
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        trainable, cfg, batch, aux_weight, attn_weight
+    )
+    updates, opt_state = opt.update(grads, state["opt_state"], trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    return {**trainable, "opt_state": opt_state}, metrics
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def predict(params: Params, cfg: LlavaConfig, batch: dict[str, Array]) -> Array:
+    """[B, Q] greedy first answer token of every question block."""
+    logits, _ = packed_forward(params, cfg, batch)
+    first = jnp.argmax(batch["targets"] >= 0, axis=-1)  # the slot predicting the answer
+    at = jnp.take_along_axis(logits, first[..., None, None], axis=2)[:, :, 0]
+    return jnp.argmax(at, axis=-1)
+
+
+def validate(params: Params, cfg: LlavaConfig, val: list[Packed]) -> dict[str, float]:
+    """Answer accuracy per question type and overall on the validation batches."""
+    correct = np.zeros(len(st.CATEGORIES))
+    total = np.zeros(len(st.CATEGORIES))
+    for pb in val:
+        pred = np.asarray(predict(params, cfg, pb.device()))
+        ok = pred == pb.answer_ids
+        for c in range(len(st.CATEGORIES)):
+            correct[c] += ok[pb.category == c].sum()
+            total[c] += (pb.category == c).sum()
+    out = {f"val_{c}": float(correct[i] / max(total[i], 1)) for i, c in enumerate(st.CATEGORIES)}
+    out["val_overall"] = float(correct.sum() / max(total.sum(), 1))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints, logs, curves
+
+
+def save_tokenizer(tokenizer: Any, out: Path) -> dict[str, Path]:
+    """Saves the tokenizer under out/tokenizer; {file name: path} for `checkpoint.save`."""
+    d = out / "tokenizer"
+    tokenizer.save_pretrained(d)
+    return {p.name: p for p in sorted(d.iterdir()) if p.is_file()}
+
+
+def export_model(
+    params: Params, cfg: LlavaConfig, tokenizer_files: dict[str, Path], dest: Path
+) -> Path:
+    """Writes the model in our checkpoint format (float32) with the tokenizer files."""
+    from sparsevlm_jax.checkpoint import save
+
+    host = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
+    return save(dest, host, cfg, extra_files=tokenizer_files, overwrite=True)
+
+
+def draw_curve(records: list[dict[str, Any]], path: Path) -> None:
+    """A PIL line chart: training loss (left panel) and validation accuracy per type (right)."""
+    from PIL import Image, ImageDraw
+
+    w, h, pad = 900, 360, 40
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    train = [r for r in records if "loss" in r]
+    val = [r for r in records if "val_overall" in r]
+    max_step = max([r["step"] for r in records] + [1])
+    panels = [(pad, w // 2 - pad // 2), (w // 2 + pad // 2, w - pad)]
+
+    def plot(panel: int, pts: list[tuple[int, float]], lo: float, hi: float, color: str) -> None:
+        x0, x1 = panels[panel]
+        xy = [
+            (x0 + (x1 - x0) * s / max_step, h - pad - (h - 2 * pad) * (v - lo) / (hi - lo or 1))
+            for s, v in pts
+        ]
+        if len(xy) > 1:
+            d.line(xy, fill=color, width=2)
+
+    for x0, x1 in panels:
+        d.rectangle((x0, pad, x1, h - pad), outline="black")
+    if train:
+        hi = max(r["loss"] for r in train)
+        plot(0, [(r["step"], r["loss"]) for r in train], 0.0, hi, "black")
+        d.text(
+            (panels[0][0], 10),
+            f"train answer loss (0..{hi:.2f}) vs step (0..{max_step})",
+            fill="black",
+        )
+    colors = {"overall": "black", "color": "red", "shape": "blue", "exists": "green"}
+    colors["count"] = "orange"
+    for name, c in colors.items():
+        plot(1, [(r["step"], r[f"val_{name}"]) for r in val], 0.0, 1.0, c)
+    legend = "  ".join(f"{k}={c}" for k, c in colors.items())
+    d.text((panels[1][0], 10), f"val accuracy (0..1): {legend}", fill="black")
+    img.save(path)
+
+
+def restore_or_init(
+    mgr: Any, cfg: LlavaConfig, tc: TrainConfig, opt: optax.GradientTransformation, resume: bool
+) -> tuple[dict[str, Any], int]:
+    """(state, first step): the latest checkpoint with `resume`, else a fresh init."""
+    import orbax.checkpoint as ocp
+
+    params = init_params(cfg, seed=tc.seed)
+    aux = init_aux(cfg, tc.seed)
+    state = {"params": params, "aux": aux, "opt_state": opt.init({"params": params, "aux": aux})}
+    latest = mgr.latest_step() if resume else None
+    if latest is None:
+        return state, 0
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    restored = mgr.restore(latest, args=ocp.args.StandardRestore(abstract))
+    return restored, int(latest)
+
+
+def train(
+    out: str | Path,
+    tc: TrainConfig,
+    resume: bool = False,
+    log_dir: str | Path | None = None,
+    progress: bool = True,
+    max_minutes: float | None = None,
+) -> dict[str, Any]:
+    """Runs (or resumes) training; returns the last logged record."""
+    import orbax.checkpoint as ocp
+    from tqdm import tqdm
+
+    out = Path(out).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_path = out / "train_config.json"
+    if resume and cfg_path.exists():
+        saved = TrainConfig.from_dict(json.loads(cfg_path.read_text()))
+        tc = dataclasses.replace(saved, steps=tc.steps)
+    cfg_path.write_text(json.dumps(dataclasses.asdict(tc), indent=2) + "\n")
+    log_dir = Path(log_dir) if log_dir else out
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{out.name}.jsonl"
+
+    tokenizer = st.build_tokenizer()
+    tok_files = save_tokenizer(tokenizer, out)
+    cfg = model_config(tc.preset, tokenizer)
+    processor = Processor.from_pretrained(out / "tokenizer", cfg)
+    opt = make_optimizer(tc)
+    mgr = ocp.CheckpointManager(
+        out / "ckpt", options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
+    )
+    state, start = restore_or_init(mgr, cfg, tc, opt, resume)
+    records = [json.loads(x) for x in log_path.read_text().splitlines()] if resume else []
+    records = [r for r in records if r["step"] <= start]
+    log_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    val_batches = [
+        make_packed(processor, "val", list(range(i, i + 16)), st.CATEGORIES, cfg)
+        for i in range(0, tc.val_images, 16)
+    ]
+    best = max([r["val_overall"] for r in records if "val_overall" in r] + [-1.0])
+    t0 = time.time()
+    last: dict[str, Any] = {}
+    bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, disable=not progress)
+    for step in bar:
+        batch = train_batch(processor, cfg, tc, step).device()
+        state, metrics = train_step(state, batch, cfg, opt, tc.aux_weight, tc.attn_weight)
+        done = step + 1
+        rec: dict[str, Any] = {"step": done, **{k: float(v) for k, v in metrics.items()}}
+        rec["seconds"] = time.time() - t0
+        bar.set_postfix({k: f"{rec[k]:.3f}" for k in ("loss", "aux_loss", "attn_loss", "key_loss")})
+        stop = max_minutes is not None and rec["seconds"] > max_minutes * 60
+        if done % tc.eval_every == 0 or done == tc.steps or stop:
+            rec.update(validate(state["params"], cfg, val_batches))
+            bar.write(json.dumps({k: round(v, 4) for k, v in rec.items()}))
+            if rec["val_overall"] > best:
+                best = rec["val_overall"]
+                export_model(state["params"], cfg, tok_files, out / "best")
+        records.append(rec)
+        with open(log_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if done % tc.save_every == 0 or done == tc.steps or stop:
+            mgr.save(done, args=ocp.args.StandardSave(state))
+            mgr.wait_until_finished()
+            export_model(state["params"], cfg, tok_files, out / "model")
+            draw_curve(records, log_dir / f"{out.name}.png")
+        last = rec
+        if stop:
+            break
+    mgr.close()
+    return last
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m sparsevlm_jax.train --out DIR [--steps N] [--resume]`."""
+    ap = argparse.ArgumentParser(prog="python -m sparsevlm_jax.train", description=__doc__)
+    ap.add_argument("--out", required=True, help="run directory (checkpoints, exported model)")
+    ap.add_argument("--steps", type=int, default=TrainConfig.steps)
+    ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    ap.add_argument("--preset", default="demo", choices=("demo", "tiny"))
+    ap.add_argument("--lr", type=float, default=TrainConfig.lr)
+    ap.add_argument("--images-per-batch", type=int, default=TrainConfig.images_per_batch)
+    ap.add_argument("--questions-per-image", type=int, default=TrainConfig.questions_per_image)
+    ap.add_argument("--aux-weight", type=float, default=TrainConfig.aux_weight)
+    ap.add_argument("--attn-weight", type=float, default=TrainConfig.attn_weight)
+    ap.add_argument("--save-every", type=int, default=TrainConfig.save_every)
+    ap.add_argument("--eval-every", type=int, default=TrainConfig.eval_every)
+    ap.add_argument("--val-images", type=int, default=TrainConfig.val_images)
+    ap.add_argument("--seed", type=int, default=TrainConfig.seed)
+    ap.add_argument("--log-dir", default="benchmarks/train_logs")
+    ap.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    tc = TrainConfig(
+        preset=args.preset,
+        steps=args.steps,
+        images_per_batch=args.images_per_batch,
+        questions_per_image=args.questions_per_image,
+        lr=args.lr,
+        aux_weight=args.aux_weight,
+        attn_weight=args.attn_weight,
+        seed=args.seed,
+        save_every=args.save_every,
+        eval_every=args.eval_every,
+        val_images=args.val_images,
+    )
+    last = train(args.out, tc, args.resume, args.log_dir, not args.no_progress, args.max_minutes)
+    print(json.dumps(last))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
