@@ -129,3 +129,17 @@ def test_demo_model_answers_known_questions() -> None:
     pil = [Image.fromarray(im) for im in images]
     out = pipe.generate(pil, questions, max_new_tokens=4, batch_size=len(pil))
     assert [r.text for r in out] == gold
+
+
+def test_accuracy_benchmark_writes_table_plot_and_json(tmp_path) -> None:
+    import json
+
+    from sparsevlm_jax.bench import accuracy
+
+    report = accuracy.run(st.demo_model_path(), 1, tmp_path, "test", presets=[("v1_5", 64)])
+    assert [r["method"] for r in report["results"]] == ["dense", "v1_5@64"]
+    assert report["results"][1]["equivalent_tokens"] < report["results"][0]["equivalent_tokens"]
+    saved = json.loads((tmp_path / "accuracy.json").read_text())
+    assert saved["num_questions"] == report["num_questions"] > 0
+    assert (tmp_path / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| v1_5@64 |" in (tmp_path / "accuracy.md").read_text()

@@ -110,7 +110,14 @@ def figure(report: dict[str, Any]) -> Figure:
     return Figure(f"bundled demo model: {report['num_questions']} test questions", [panel], series)
 
 
-def run(model: str | Path, num_images: int, out: Path, command: str) -> dict[str, Any]:
+def run(
+    model: str | Path,
+    num_images: int,
+    out: Path,
+    command: str,
+    presets: list[tuple[str, int]] | None = None,
+) -> dict[str, Any]:
+    """Evaluates dense and each preset (default: every named preset); writes the outputs."""
     from tqdm import tqdm
 
     from sparsevlm_jax.pipeline import LlavaPipeline
@@ -120,7 +127,7 @@ def run(model: str | Path, num_images: int, out: Path, command: str) -> dict[str
     images, questions = questions_of(num_images, cfg.vision.image_size)
     configs = [SparseConfig()] + [
         named_sparse_config(m, b, cfg.text.num_hidden_layers, cfg.num_image_tokens)
-        for m, b in named_presets()
+        for m, b in (named_presets() if presets is None else presets)
     ]
     results = [evaluate_method(pipe, s, images, questions) for s in tqdm(configs, "methods")]
     for r in results:
