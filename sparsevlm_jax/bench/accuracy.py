@@ -105,7 +105,7 @@ def figure(report: dict[str, Any]) -> Figure:
         )
     )
     panel = Panel(
-        "accuracy vs kept visual tokens", "equivalent visual tokens (SPEC §6)", "accuracy %", series
+        "accuracy vs kept visual tokens", "equivalent visual tokens (SPEC 6)", "accuracy %", series
     )
     return Figure(f"bundled demo model: {report['num_questions']} test questions", [panel], series)
 
