@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -162,7 +161,3 @@ def compile_counts() -> dict[str, int]:
 
 def strip_eos(ids: list[int], eos_ids: tuple[int, ...]) -> list[int]:
     return ids[:-1] if ids and ids[-1] in eos_ids else ids
-
-
-def stats_row(stats: dict[str, Any], i: int) -> dict[str, Any]:
-    return {k: v[i] for k, v in stats.items()}
