@@ -32,26 +32,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def run(args: argparse.Namespace) -> str:
+    """Converts as the parsed arguments say; returns the one-line summary.
+
+    Raises:
+        ConversionError, CheckpointError: bad input (one-line messages).
+    """
+    start = time.perf_counter()
+    cfg = convert_checkpoint(
+        args.src,
+        args.dst,
+        dtype=None if args.dtype == "keep" else args.dtype,
+        clip=args.clip,
+        progress=not args.quiet,
+        overwrite=args.overwrite,
+    )
+    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return (
+        f"wrote {args.dst}: {cfg.text.num_hidden_layers}-layer decoder, "
+        f"{cfg.vision.num_hidden_layers}-layer CLIP, {cfg.num_image_tokens} visual tokens, "
+        f"{cfg.param_dtype}, {time.perf_counter() - start:.1f} s, peak RSS {peak_gib:.2f} GiB"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs the converter; returns the process exit status."""
     args = build_parser().parse_args(argv)
-    start = time.perf_counter()
     try:
-        cfg = convert_checkpoint(
-            args.src,
-            args.dst,
-            dtype=None if args.dtype == "keep" else args.dtype,
-            clip=args.clip,
-            progress=not args.quiet,
-            overwrite=args.overwrite,
-        )
+        print(run(args))
     except (ConversionError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2  # bad input, as `sparsevlm convert`
-    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(
-        f"wrote {args.dst}: {cfg.text.num_hidden_layers}-layer decoder, "
-        f"{cfg.vision.num_hidden_layers}-layer CLIP, {cfg.param_dtype}, "
-        f"{time.perf_counter() - start:.1f} s, peak RSS {peak_gib:.2f} GiB"
-    )
     return 0

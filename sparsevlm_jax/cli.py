@@ -11,7 +11,6 @@ import argparse
 import json
 import os
 import sys
-import time
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -666,22 +665,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from convert.llava import convert_checkpoint
+    from convert.cli import run
 
-    start = time.perf_counter()
-    cfg = convert_checkpoint(
-        args.src,
-        args.dst,
-        dtype=None if args.dtype == "keep" else args.dtype,
-        clip=args.clip,
-        progress=not args.quiet,
-        overwrite=args.overwrite,
-    )
-    print(
-        f"wrote {args.dst}: {cfg.text.num_hidden_layers}-layer decoder, "
-        f"{cfg.vision.num_hidden_layers}-layer CLIP, {cfg.num_image_tokens} visual tokens, "
-        f"{cfg.param_dtype}, {time.perf_counter() - start:.1f} s"
-    )
+    print(run(args))
     return EXIT_OK
 
 
