@@ -253,7 +253,7 @@ REFERENCE_IMAGE_TOKENS = 576
 METHODS = ("dense", "v1", "v1_5", "v2_0", "fastv", "random")
 FIXED_SCHEDULE_METHODS = ("v1_5", "v2_0", "random")
 RECYCLING_METHODS = ("v1", "v1_5")
-CAPACITY_POLICIES = ("exact", "static")
+CAPACITY_POLICIES = ("bucketed", "static", "exact")
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,10 @@
 """The synthetic "shapes" visual-question task the bundled demo model is trained on.
 
-An image is a square of grey noise (values 60-120) split into a 4x4 grid of cells; 3-6 cells
-hold one solid shape each (circle, square, triangle, cross) in one of six colours, 55-85% of a
-cell wide and jittered inside its cell. Questions are lower case, words separated by spaces,
+Task version 2. An image is a square of grey noise (values 60-120) split into a 4x4 grid of
+cells; 3-6 cells hold one solid shape each (circle, square, triangle, cross) in one of six
+colours (+-15 jitter per channel). Each object lies inside ONE 14-px patch of its cell (the
+patch uniform among the cell's 16, the side uniform in 9-13 px, the offset uniform inside the
+patch), so every object is exactly one of the 256 visual tokens. Questions are lower case, words separated by spaces,
 with a one-word answer:
 
     what color is the <shape> ?        -> colour   (exactly one such shape in the image)
@@ -47,6 +49,9 @@ NUMBERS: tuple[str, ...] = ("zero", "one", "two", "three", "four")
 CATEGORIES: tuple[str, ...] = ("color", "shape", "exists", "count")
 SPLIT_SEEDS: dict[str, int] = {"train": 1000, "val": 2000, "test": 3000}
 DEFAULT_IMAGE_SIZE = 224
+TASK_VERSION = "v2"
+PATCH = 14  # the vision tower's patch size: every object lies inside one patch (task v2)
+OBJECT_SIDES = (9, 13)  # inclusive range of an object's side in pixels
 MAX_PER_SHAPE = 4
 # Words of the vicuna_v1 system prompt and roles (lower-cased, as the tokenizer normalises).
 TEMPLATE_WORDS: tuple[str, ...] = (
@@ -105,7 +110,12 @@ def rng_for(split: str, index: int) -> np.random.Generator:
 
 
 def make_scene(rng: np.random.Generator, size: int = DEFAULT_IMAGE_SIZE) -> tuple[Obj, ...]:
-    """3-6 objects in distinct cells, at most MAX_PER_SHAPE of any shape."""
+    """3-6 objects in distinct cells, at most MAX_PER_SHAPE of any shape (task v2 placement).
+
+    Each object lies inside one PATCH-px patch of its cell: the patch is drawn uniformly among
+    the cell's patches, the side uniformly from OBJECT_SIDES, the offset uniformly so that the
+    box stays inside that patch. So every object is exactly one visual token.
+    """
     n = int(rng.integers(3, 7))
     cells = sorted(int(c) for c in rng.choice(GRID * GRID, n, replace=False))
     while True:
@@ -113,14 +123,19 @@ def make_scene(rng: np.random.Generator, size: int = DEFAULT_IMAGE_SIZE) -> tupl
         if max(shapes.count(s) for s in SHAPES) <= MAX_PER_SHAPE:
             break
     colors = [COLOR_NAMES[int(i)] for i in rng.integers(0, len(COLOR_NAMES), n)]
-    cell_px = size / GRID
+    cell_px = size // GRID
+    per_side = cell_px // PATCH  # patches along a cell's side
+    if per_side < 1 or cell_px * GRID != size:
+        raise ValueError(f"image size {size} must be a multiple of {GRID * PATCH}")
     objs = []
     for cell, color, shape in zip(cells, colors, shapes, strict=True):
-        w = float(rng.uniform(0.55, 0.85)) * cell_px
-        x0 = (cell % GRID) * cell_px + float(rng.uniform(0, cell_px - w))
-        y0 = (cell // GRID) * cell_px + float(rng.uniform(0, cell_px - w))
-        box = (round(x0), round(y0), round(x0 + w) - 1, round(y0 + w) - 1)
-        objs.append(Obj(cell, color, shape, box))
+        patch = int(rng.integers(per_side * per_side))
+        side = int(rng.integers(OBJECT_SIDES[0], OBJECT_SIDES[1] + 1))
+        px = (cell % GRID) * cell_px + (patch % per_side) * PATCH
+        py = (cell // GRID) * cell_px + (patch // per_side) * PATCH
+        x0 = px + int(rng.integers(PATCH - side + 1))
+        y0 = py + int(rng.integers(PATCH - side + 1))
+        objs.append(Obj(cell, color, shape, (x0, y0, x0 + side - 1, y0 + side - 1)))
     return tuple(objs)
 
 

@@ -50,9 +50,12 @@ Array = jax.Array
 BLOCK_LEN = 12  # slots per question block: longest question text + answer + EOS is 11
 NUM_AUX_COLORS = len(st.COLOR_NAMES) + 1  # 0 = nothing
 NUM_AUX_SHAPES = len(st.SHAPES) + 1
-# Weights of the per-patch heads (patch colour, patch shape, cell colour, cell shape): colour
-# is learnt in a few dozen steps, shape is the vision tower's bottleneck.
-AUX_HEAD_WEIGHTS = (0.25, 1.0, 0.25, 1.0)
+# Weights of the per-patch heads (patch colour, patch shape, cell colour, cell shape). In task
+# v2 every object is one patch, so the cell heads are not needed (kept for the label layout).
+AUX_HEAD_WEIGHTS = (1.0, 1.0, 0.0, 0.0)
+# Per-patch loss weight of background patches (object patches: 1). Unweighted, the ~250
+# background patches of an image dominate and shape stays near chance.
+BACKGROUND_WEIGHT = 0.1
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,9 @@ class TrainConfig:
     questions_per_image: int = 16
     lr: float = 1.5e-3
     warmup: int = 60
+    vision_steps: int = 0
+    vision_lr: float = 2e-3
+    vision_warmup: int = 100
     weight_decay: float = 0.05
     aux_weight: float = 1.0
     attn_weight: float = 0.5
@@ -149,8 +155,8 @@ class Packed:
     pixel_values [B,H,W,3] f32; prefix_ids [P] (shared by all rows); block_ids, block_valid,
     targets [B,Q,BLOCK_LEN] (targets -1 where no loss); answer_ids, category [B,Q];
     patch_labels [B,Np,4] int32 (patch colour, patch shape, cell colour, cell shape);
-    attn_targets [B,Q,Np] float32: where the answer slot should look (a distribution over the
-    patches of the objects the question is about; all zero = not supervised);
+    attn_targets [B,Q,1+Np] float32: where the answer slot should look (a distribution over
+    the BOS sink and the patches of the objects matching the question);
     word_slots [B,Q,2] int32: block offsets of the question's colour / shape words and
     word_targets [B,Q,2,Np]: the patches of the objects with that colour / shape;
     key_targets [B,Q,BLOCK_LEN]: the answer at the question's last colour / shape word (an
@@ -181,20 +187,20 @@ def normalise(image: np.ndarray) -> np.ndarray:
 
 
 def patch_objects(index_map: np.ndarray, patch: int) -> np.ndarray:
-    """[Np]: 1 + index of the object covering >= 30% of each patch, 0 for background."""
+    """[Np]: 1 + index of the object drawn in each patch, 0 for background.
+
+    In task v2 every object lies inside one patch, so a patch holds at most one object.
+    """
     g = index_map.shape[0] // patch
     blocks = index_map[: g * patch, : g * patch].reshape(g, patch, g, patch).transpose(0, 2, 1, 3)
-    blocks = blocks.reshape(g * g, patch * patch)
-    covered = (blocks > 0).mean(axis=1) >= 0.3
-    return np.where(covered, blocks.max(axis=1), 0)
+    return blocks.reshape(g * g, patch * patch).max(axis=1)
 
 
 def relevant_objects(objs: tuple[st.Obj, ...], q: st.Question) -> list[int]:
-    """Indices of the objects a question is about (empty: no attention target).
+    """Indices of the objects matching the whole description in a question (may be empty).
 
-    color / shape: the one object named; exists: the matching object, or for "no" the
-    objects sharing its colour or shape; count: not supervised (attention averages, so the
-    count has to come from elsewhere).
+    color: the object of the named shape; shape: the object of the named colour; exists: the
+    objects with both the colour and the shape; count: the objects of the shape.
     """
     w = q.text.split()
     if q.category == "color":
@@ -202,15 +208,22 @@ def relevant_objects(objs: tuple[st.Obj, ...], q: st.Question) -> list[int]:
     if q.category == "shape":
         return [i for i, o in enumerate(objs) if o.color == w[4]]
     if q.category == "exists":
-        both = [i for i, o in enumerate(objs) if o.color == w[3] and o.shape == w[4]]
-        return both or [i for i, o in enumerate(objs) if o.color == w[3] or o.shape == w[4]]
+        return [i for i, o in enumerate(objs) if o.color == w[3] and o.shape == w[4]]
+    if q.category == "count":
+        shape = {v: k for k, v in st.PLURALS.items()}[w[2]]
+        return [i for i, o in enumerate(objs) if o.shape == shape]
     return []
 
 
 def attention_target(objs: tuple[st.Obj, ...], q: st.Question, obj_map: np.ndarray) -> np.ndarray:
-    """[Np] distribution over the patches of `relevant_objects` (zeros when there are none)."""
-    rel = np.isin(obj_map - 1, relevant_objects(objs, q)) & (obj_map > 0)
-    return (rel / max(rel.sum(), 1)).astype(np.float32)
+    """[1 + Np] uniform distribution over the BOS "sink" (entry 0) and the relevant patches.
+
+    The sink takes the share of one object, so what the head reads is n/(n+1) of the matching
+    objects' value: it separates "no match" from "some" (exists) and grows with n (count).
+    """
+    rel = (np.isin(obj_map - 1, relevant_objects(objs, q)) & (obj_map > 0)).astype(np.float32)
+    t = np.concatenate([[1.0], rel])
+    return (t / t.sum()).astype(np.float32)
 
 
 def word_targets(
@@ -361,9 +374,9 @@ def packed_forward(
 ) -> tuple[Array, Array] | tuple[Array, Array, Array]:
     """(logits [B,Q,BLOCK_LEN,vocab] of the question blocks, image features [B,Np,D]).
 
-    with_attn: also return log attention probabilities to the image patches of head 0: from
-    each block's answer slot at layer `attn_layer(cfg)` [B,Q,Np], and from its word slots at
-    layer 0 [B,Q,2,Np].
+    with_attn: also return log attention probabilities of head 0: from each block's answer
+    slot at layer `attn_layer(cfg)` to the BOS token and the image patches [B,Q,1+Np], and from
+    its word slots at layer 0 to the image patches [B,Q,2,Np].
     """
     tcfg = cfg.text
     feats = image_features(params, cfg, batch["pixel_values"])
@@ -407,7 +420,8 @@ def packed_forward(
     logits = llama.lm_head(params["text"], tcfg, x[:, p + nimg :])
     starts = p + nimg + jnp.arange(q)[None] * BLOCK_LEN  # [1,Q]
     first = jnp.argmax(batch["targets"] >= 0, axis=-1)  # [B,Q] the answer slot of each block
-    answer = slot_logp(q_a, k_a, mask, starts + first, tcfg.head_dim)[..., p : p + nimg]
+    answer = slot_logp(q_a, k_a, mask, starts + first, tcfg.head_dim)
+    answer = jnp.concatenate([answer[..., :1], answer[..., p : p + nimg]], axis=-1)
     words = (starts[..., None] + batch["word_slots"]).reshape(b, q * 2)
     words = slot_logp(q_w, k_w, mask, words, tcfg.head_dim)[..., p : p + nimg]
     return logits.reshape(b, q, BLOCK_LEN, -1), feats, answer, words.reshape(b, q, 2, nimg)
@@ -467,23 +481,48 @@ def loss_fn(
     key = cross_entropy(logits, keys, (keys >= 0).astype(jnp.float32))
     targets = batch["targets"]
     main = cross_entropy(logits, targets, (targets >= 0).astype(jnp.float32))
-    aux = 0.0
-    feats32 = feats.astype(jnp.float32)
-    weighted = 0.0
-    for i, w in enumerate(AUX_HEAD_WEIGHTS):
-        head = trainable["aux"][f"head{i}"]
-        aux_logits = feats32 @ head["kernel"] + head["bias"]
-        labels = batch["patch_labels"][..., i]
-        ce = cross_entropy(aux_logits, labels, jnp.ones(labels.shape, jnp.float32))
-        aux, weighted = aux + ce / 4, weighted + w * ce
+    aux, weighted = patch_losses(trainable["aux"], feats, batch["patch_labels"])
     total = main + aux_weight * weighted + attn_weight * attn + aux_weight * key
     return total, {"loss": main, "aux_loss": aux, "attn_loss": attn, "key_loss": key}
 
 
-def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
-    """AdamW (decay on matrices only), warmup + cosine schedule, global-norm clipping."""
+def patch_losses(aux: Params, feats: Array, labels: Array) -> tuple[Array, Array]:
+    """(mean per-head CE, AUX_HEAD_WEIGHTS-weighted sum) of the per-patch heads.
+
+    feats [B,Np,D] projected image features; labels [B,Np,4]. Background patches weigh
+    BACKGROUND_WEIGHT, object patches 1.
+    """
+    feats32 = feats.astype(jnp.float32)
+    weight = jnp.where(labels[..., 0] > 0, 1.0, BACKGROUND_WEIGHT)
+    plain, weighted = 0.0, 0.0
+    for i, w in enumerate(AUX_HEAD_WEIGHTS):
+        head = aux[f"head{i}"]
+        ce = cross_entropy(feats32 @ head["kernel"] + head["bias"], labels[..., i], weight)
+        plain, weighted = plain + ce / len(AUX_HEAD_WEIGHTS), weighted + w * ce
+    return plain, weighted
+
+
+def vision_loss_fn(
+    trainable: dict[str, Params], cfg: LlavaConfig, batch: dict[str, Array]
+) -> tuple[Array, dict[str, Array]]:
+    """Phase 1: the vision tower and projector alone, on the per-patch heads."""
+    feats = image_features(trainable["params"], cfg, batch["pixel_values"])
+    aux, weighted = patch_losses(trainable["aux"], feats, batch["patch_labels"])
+    return weighted, {"aux_loss": aux}
+
+
+def make_optimizer(tc: TrainConfig, phase: str = "joint") -> optax.GradientTransformation:
+    """AdamW (decay on matrices only), warmup + cosine schedule, global-norm clipping.
+
+    phase "vision": steps 0..vision_steps at vision_lr; "joint": the remaining steps at lr.
+    Both have the same state structure, so one checkpoint layout serves both phases.
+    """
+    if phase == "vision":
+        lr, warmup, steps = tc.vision_lr, tc.vision_warmup, tc.vision_steps
+    else:
+        lr, warmup, steps = tc.lr, tc.warmup, tc.steps - tc.vision_steps
     schedule = optax.warmup_cosine_decay_schedule(
-        0.0, tc.lr, max(tc.warmup, 1), max(tc.steps, tc.warmup + 1), end_value=tc.lr * 0.02
+        0.0, lr, max(warmup, 1), max(steps, warmup + 1), end_value=lr * 0.02
     )
 
     def decay_mask(tree: Any) -> Any:
@@ -517,6 +556,37 @@ def train_step(
     trainable = optax.apply_updates(trainable, updates)
     metrics["grad_norm"] = optax.tree.norm(grads)
     return {**trainable, "opt_state": opt_state}, metrics
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "opt"), donate_argnums=(0,))
+def vision_step(
+    state: dict[str, Any],
+    batch: dict[str, Array],
+    cfg: LlavaConfig,
+    opt: optax.GradientTransformation,
+) -> tuple[dict[str, Any], dict[str, Array]]:
+    """One AdamW step of phase 1 (decoder untouched: its gradients are zero)."""
+    trainable = {"params": state["params"], "aux": state["aux"]}
+    (_, metrics), grads = jax.value_and_grad(vision_loss_fn, has_aux=True)(trainable, cfg, batch)
+    updates, opt_state = opt.update(grads, state["opt_state"], trainable)
+    # The decoder is not trained here: no weight decay either.
+    updates["params"]["text"] = jax.tree.map(jnp.zeros_like, updates["params"]["text"])
+    trainable = optax.apply_updates(trainable, updates)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    return {**trainable, "opt_state": opt_state}, metrics
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def patch_accuracy(aux: Params, params: Params, cfg: LlavaConfig, batch: dict[str, Array]) -> Array:
+    """[2]: accuracy of the patch colour and patch shape heads on object patches."""
+    feats = image_features(params, cfg, batch["pixel_values"]).astype(jnp.float32)
+    labels = batch["patch_labels"]
+    obj = labels[..., 0] > 0
+    out = []
+    for i in (0, 1):
+        pred = jnp.argmax(feats @ aux[f"head{i}"]["kernel"] + aux[f"head{i}"]["bias"], -1)
+        out.append(jnp.sum((pred == labels[..., i]) & obj) / jnp.maximum(jnp.sum(obj), 1))
+    return jnp.stack(out)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -649,6 +719,7 @@ def train(
     cfg = model_config(tc.preset, tokenizer)
     processor = Processor.from_pretrained(out / "tokenizer", cfg)
     opt = make_optimizer(tc)
+    opt_vision = make_optimizer(tc, "vision")
     mgr = ocp.CheckpointManager(
         out / "ckpt", options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
     )
@@ -666,16 +737,29 @@ def train(
     bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, disable=not progress)
     for step in bar:
         batch = train_batch(processor, cfg, tc, step).device()
-        state, metrics = train_step(state, batch, cfg, opt, tc.aux_weight, tc.attn_weight)
+        vision = step < tc.vision_steps
+        if step == tc.vision_steps and step > 0:  # phase 2 starts with a fresh optimizer
+            state["opt_state"] = opt.init({"params": state["params"], "aux": state["aux"]})
+        if vision:
+            state, metrics = vision_step(state, batch, cfg, opt_vision)
+        else:
+            state, metrics = train_step(state, batch, cfg, opt, tc.aux_weight, tc.attn_weight)
         done = step + 1
         rec: dict[str, Any] = {"step": done, **{k: float(v) for k, v in metrics.items()}}
         rec["seconds"] = time.time() - t0
-        bar.set_postfix({k: f"{rec[k]:.3f}" for k in ("loss", "aux_loss", "attn_loss", "key_loss")})
+        bar.set_postfix({k: f"{v:.3f}" for k, v in rec.items() if k.endswith("loss")})
         stop = max_minutes is not None and rec["seconds"] > max_minutes * 60
         if done % tc.eval_every == 0 or done == tc.steps or stop:
-            rec.update(validate(state["params"], cfg, val_batches))
+            acc = np.mean(
+                [np.asarray(patch_accuracy(state["aux"], state["params"], cfg, vb.device()))
+                 for vb in val_batches],
+                axis=0,
+            )
+            rec["val_patch_color"], rec["val_patch_shape"] = float(acc[0]), float(acc[1])
+            if not vision:
+                rec.update(validate(state["params"], cfg, val_batches))
             bar.write(json.dumps({k: round(v, 4) for k, v in rec.items()}))
-            if rec["val_overall"] > best:
+            if rec.get("val_overall", -1.0) > best:
                 best = rec["val_overall"]
                 export_model(state["params"], cfg, tok_files, out / "best")
         records.append(rec)
@@ -701,6 +785,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     ap.add_argument("--preset", default="demo", choices=("demo", "tiny"))
     ap.add_argument("--lr", type=float, default=TrainConfig.lr)
+    ap.add_argument(
+        "--vision-steps",
+        type=int,
+        default=TrainConfig.vision_steps,
+        help="phase 1: train the vision tower alone on the per-patch heads for N steps",
+    )
+    ap.add_argument("--vision-lr", type=float, default=TrainConfig.vision_lr)
     ap.add_argument("--images-per-batch", type=int, default=TrainConfig.images_per_batch)
     ap.add_argument("--questions-per-image", type=int, default=TrainConfig.questions_per_image)
     ap.add_argument("--aux-weight", type=float, default=TrainConfig.aux_weight)
@@ -719,6 +810,8 @@ def main(argv: list[str] | None = None) -> int:
         images_per_batch=args.images_per_batch,
         questions_per_image=args.questions_per_image,
         lr=args.lr,
+        vision_steps=args.vision_steps,
+        vision_lr=args.vision_lr,
         aux_weight=args.aux_weight,
         attn_weight=args.attn_weight,
         seed=args.seed,
