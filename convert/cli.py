@@ -9,7 +9,7 @@ import time
 
 from convert.errors import ConversionError
 from convert.llava import convert_checkpoint
-from sparsevlm_jax.checkpoint import CheckpointError
+from sparsevlm_jax.checkpoint import CheckpointError, load_metadata
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         default="bfloat16",
         choices=["bfloat16", "float32", "float16", "keep"],
-        help="weight dtype to store (keep: the source's float dtype); default bfloat16",
+        help="weight dtype to store (keep: the source's float dtype); default bfloat16, which "
+        "moves a float32 source's features by ~1%%: comparisons with the source want float32 "
+        "or keep",
     )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -51,8 +53,18 @@ def run(args: argparse.Namespace) -> str:
     return (
         f"wrote {args.dst}: {cfg.text.num_hidden_layers}-layer decoder, "
         f"{cfg.vision.num_hidden_layers}-layer CLIP, {cfg.num_image_tokens} visual tokens, "
-        f"{cfg.param_dtype}, {time.perf_counter() - start:.1f} s, peak RSS {peak_gib:.2f} GiB"
+        f"{describe_dtype(load_metadata(args.dst))}, {time.perf_counter() - start:.1f} s, "
+        f"peak RSS {peak_gib:.2f} GiB"
     )
+
+
+def describe_dtype(metadata: dict) -> str:
+    """e.g. "bfloat16 weights (source float32; --dtype float32 or keep to match it)"."""
+    conv = metadata.get("conversion") or {}
+    stored, source = conv.get("dtype", "?"), conv.get("source_dtype")
+    if source is None or source == stored:
+        return f"{stored} weights (as the source)" if source else f"{stored} weights"
+    return f"{stored} weights (source {source}; --dtype {source} or keep to match it)"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -289,17 +289,21 @@ def _check(
     return ok
 
 
-def _target_dtype(dtype: str | None, entries: list[TensorInfo]) -> str:
-    """The requested dtype, or (None) the float dtype holding most of the source's elements."""
-    if dtype is not None:
-        if dtype not in DTYPES:
-            raise ConversionError(f"dtype must be one of {DTYPES} or None, got {dtype!r}")
-        return dtype
+def source_dtype(entries: list[TensorInfo]) -> str | None:
+    """The float dtype holding most of the source's elements (None: no float tensors)."""
     counts: dict[str, int] = {}
     for info in entries:
         if jnp.issubdtype(info.dtype, jnp.floating):
             counts[info.dtype.name] = counts.get(info.dtype.name, 0) + int(np.prod(info.shape))
-    found = max(counts, key=counts.get) if counts else "float32"
+    return max(counts, key=counts.get) if counts else None
+
+
+def _target_dtype(dtype: str | None, found: str | None) -> str:
+    """The requested dtype, or (None) the source's float dtype `found` (float32 if unusable)."""
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise ConversionError(f"dtype must be one of {DTYPES} or None, got {dtype!r}")
+        return dtype
     return found if found in DTYPES else "float32"
 
 
@@ -370,15 +374,23 @@ def convert_to_numpy(
     Raises:
         ConversionError: one line naming every problem with the checkpoint.
     """
-    src = Path(src)
+    flat, cfg, _ = _convert(Path(src), dtype, clip, progress)
+    return flat, cfg
+
+
+def _convert(
+    src: Path, dtype: str | None, clip: str | Path | None, progress: bool
+) -> tuple[dict[str, np.ndarray], LlavaConfig, str | None]:
+    """`convert_to_numpy`, also returning the source's float dtype (`source_dtype`)."""
     sources, cfg = _open_sources(src, None if clip is None else Path(clip))
-    target_dtype = _target_dtype(dtype, sources[0].entries)
+    found = source_dtype(sources[0].entries)
+    target_dtype = _target_dtype(dtype, found)
     cfg = cfg.replace(param_dtype=target_dtype, dtype=target_dtype)
     plan, shapes = _plan(sources, cfg, src)
     np_dtype = jnp.dtype(target_dtype)  # ml_dtypes.bfloat16 for bfloat16
     arrays = {k: np.empty(s, np_dtype) for k, s in shapes.items()}
     _fill(sources, plan, arrays, progress)
-    return arrays, cfg
+    return arrays, cfg, found
 
 
 def tokenizer_files(src: str | Path, clip: str | Path | None = None) -> dict[str, Path]:
@@ -402,6 +414,9 @@ def convert_checkpoint(
 ) -> LlavaConfig:
     """Converts `src` and writes our checkpoint (orbax params + config.json + tokenizer) to `dst`.
 
+    The checkpoint's `metadata.json` records the dtypes under "conversion" (stored, source,
+    requested; see `sparsevlm_jax.checkpoint.load_metadata`).
+
     Args:
         src: llava-hf hub / transformers `save_pretrained` / original LLaVA-1.5 directory.
         dst: the checkpoint directory to create (atomically; nothing is left on failure).
@@ -417,8 +432,20 @@ def convert_checkpoint(
         ConversionError: one line naming every problem with the source checkpoint.
     """
     checkpoint.check_destination(dst, overwrite)
-    flat, cfg = convert_to_numpy(src, dtype, clip, progress)
-    checkpoint.save(dst, unflatten(flat), cfg, tokenizer_files(src, clip), overwrite=overwrite)
+    flat, cfg, found = _convert(Path(src), dtype, clip, progress)
+    conversion = {
+        "dtype": cfg.param_dtype,
+        "source_dtype": found,
+        "requested_dtype": dtype or "keep",
+    }
+    checkpoint.save(
+        dst,
+        unflatten(flat),
+        cfg,
+        tokenizer_files(src, clip),
+        overwrite=overwrite,
+        metadata={"conversion": conversion},
+    )
     return cfg
 
 

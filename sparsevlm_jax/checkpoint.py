@@ -1,6 +1,7 @@
 """Our checkpoint format: an orbax tree of the parameter dict plus `config.json`.
 
     <path>/config.json      LlavaConfig.to_json() (param_dtype = the dtype the arrays are in)
+    <path>/metadata.json    optional: how the checkpoint was made (`load_metadata`)
     <path>/params/          orbax StandardCheckpointer save of the nested dict of `params.py`
     <path>/tokenizer.model, preprocessor_config.json, ...   copied by the converter, if any
 
@@ -27,6 +28,7 @@ from sparsevlm_jax.params import Params, abstract_params, flatten
 
 PARAMS_DIR = "params"
 CONFIG_FILE = "config.json"
+METADATA_FILE = "metadata.json"
 
 
 class CheckpointError(ValueError):
@@ -63,6 +65,7 @@ def save(
     cfg: LlavaConfig,
     extra_files: dict[str, Path] | None = None,
     overwrite: bool = False,
+    metadata: dict[str, Any] | None = None,
 ) -> Path:
     """Writes `params` (nested dict of numpy or jax arrays) and `cfg` to `path`, atomically.
 
@@ -73,6 +76,7 @@ def save(
         extra_files: `{name in the checkpoint: source file}` copied beside the params
             (tokenizer files, preprocessor config).
         overwrite: replace an existing non-empty `path` (only once the new one is complete).
+        metadata: JSON-serialisable notes written to `metadata.json` (see `load_metadata`).
 
     Returns:
         the absolute checkpoint path.
@@ -87,6 +91,8 @@ def save(
         with _params_checkpointer() as ckptr:
             ckptr.save(tmp / PARAMS_DIR, args=ocp.args.PyTreeSave(params))
         (tmp / CONFIG_FILE).write_text(cfg.to_json() + "\n")
+        if metadata is not None:
+            (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
         for name, src in (extra_files or {}).items():
             shutil.copyfile(src, tmp / name)
         _chmod_default(tmp)
@@ -181,6 +187,20 @@ def load_config(path: str | Path) -> LlavaConfig:
         return LlavaConfig.from_json((path / CONFIG_FILE).read_text())
     except (TypeError, ValueError, KeyError) as e:
         raise CheckpointError(f"{path / CONFIG_FILE}: invalid config ({e})") from e
+
+
+def load_metadata(path: str | Path) -> dict[str, Any]:
+    """The notes `save` recorded beside the weights; {} when there are none (or unreadable).
+
+    The converter records `{"conversion": {"dtype": stored dtype, "source_dtype": the source's
+    float dtype (most elements), "requested_dtype": "bfloat16" | "float32" | "float16" |
+    "keep"}}`.
+    """
+    try:
+        d = json.loads((Path(path) / METADATA_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return d if isinstance(d, dict) else {}
 
 
 def _with_shardings(abstract: Params, shardings: Any) -> Params:

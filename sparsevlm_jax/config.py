@@ -248,7 +248,9 @@ V1_STATIC_SHAPES_7B: dict[int, tuple[int, ...]] = {
 # R that keeps about that many of 576 tokens, pruning after layer K = 2.
 FASTV_K = 2
 FASTV_RATIOS: dict[int, float] = {192: 2 / 3, 128: 7 / 9, 64: 8 / 9}
-V2_HEAD_FRACTION = 14 / 32
+# SparseVLM+ averages the top V2_HEADS heads (SPEC §6); models with fewer keep 14/32 of theirs.
+V2_HEADS = 14
+V2_HEAD_FRACTION = V2_HEADS / 32
 REFERENCE_IMAGE_TOKENS = 576
 METHODS = ("dense", "v1", "v1_5", "v2_0", "fastv", "random")
 FIXED_SCHEDULE_METHODS = ("v1_5", "v2_0", "random")
@@ -270,7 +272,8 @@ class SparseConfig:
     schedule: kept count per pruning layer for v1_5 / v2_0 (`min(schedule[i], V-1)`) and
       random (`min(schedule[i], V)`).
     fastv_ratio: FastV's R; keeps `round(V * (1 - R))`.
-    v2_heads: heads averaged by v2.0; None = round(14/32 * heads), at least 1.
+    v2_heads: heads averaged by v2.0; None = `v2_num_heads`'s rule (14, or round(14/32 *
+      heads) on models with fewer than 14 heads).
     seed: the random method's seed.
     capacity: "exact" (the kept buffer can hold every budget: identical decisions to the
       reference, no compute saved beyond the valid-slot count) or "static" (`capacities[i]`
@@ -313,6 +316,8 @@ class SparseConfig:
             )
         if any(k < 0 for k in self.schedule):
             raise ConfigError(f"schedule entries must be >= 0, got {self.schedule}")
+        if self.v2_heads is not None and self.v2_heads < 1:
+            raise ConfigError(f"v2_heads must be >= 1, got {self.v2_heads}")
         if self.method == "fastv" and not 0.0 <= self.fastv_ratio <= 1.0:
             raise ConfigError(f"fastv_ratio must be in [0, 1], got {self.fastv_ratio}")
         if self.capacity == "static" and len(self.capacities) != len(self.layers):
@@ -381,7 +386,11 @@ class SparseConfig:
         capacity: str = "exact",
         capacities: tuple[int, ...] = (),
     ) -> SparseConfig:
-        """SparseVLM v1 at a named budget (192, 128 or 64) of SPEC §6."""
+        """SparseVLM v1 at a named budget (192, 128 or 64) of SPEC §6.
+
+        `layers` default to the authors' 2, 6, 15, 19 (`preset_layers`: scaled only on models
+        too shallow for them).
+        """
         if budget not in V1_BUDGETS:
             raise ConfigError(
                 f"no v1 budget named {budget}; named budgets: {sorted(V1_BUDGETS, reverse=True)}"
@@ -389,7 +398,7 @@ class SparseConfig:
         scale, bias = V1_BUDGETS[budget]
         return cls(
             method="v1",
-            layers=layers if layers is not None else scale_layers(V1_LAYERS_32, num_layers),
+            layers=layers if layers is not None else preset_layers(V1_LAYERS_32, num_layers),
             scale=scale,
             bias=bias,
             capacity=capacity,
@@ -398,22 +407,50 @@ class SparseConfig:
         )
 
 
-def scale_layers(layers: tuple[int, ...], num_layers: int, reference: int = 32) -> tuple[int, ...]:
-    """Pruning layers of a 32-layer preset moved proportionally to a model of `num_layers`.
+def preset_layers(layers: tuple[int, ...], num_layers: int, reference: int = 32) -> tuple[int, ...]:
+    """The pruning layers of a preset on a model of `num_layers` decoder layers (SPEC §6).
 
-    Layer l becomes round(l * num_layers / 32) (Python's round: halves to even), pushed up
-    to stay distinct and increasing; it must stay below the last layer. A 32-layer model
-    keeps the preset unchanged.
+    The authors use the same layers for every LLaVA, whatever its depth (LLaVA-1.5-13B's 40
+    layers included), so `layers` are returned unchanged whenever the model has a layer after
+    the last of them (`num_layers > layers[-1] + 1`). Only a model too shallow for them gets
+    layer l moved to round(l * num_layers / reference) (Python's round: halves to even),
+    pushed up to stay distinct and increasing; the result must stay below the last layer.
+
+    Raises:
+        ConfigError: the model is too shallow even for the scaled layers.
     """
-    if num_layers == reference:
-        return layers
+    if not layers or num_layers > layers[-1] + 1:
+        return tuple(layers)
     out: list[int] = []
     for layer in layers:
         v = max(round(layer * num_layers / reference), out[-1] + 1 if out else 0)
         out.append(v)
-    if out and out[-1] >= num_layers - 1:
+    if out[-1] >= num_layers - 1:
         raise ConfigError(f"a {num_layers}-layer model is too shallow for pruning at {layers}")
     return tuple(out)
+
+
+# The name callers used while the rule scaled every depth; same function.
+scale_layers = preset_layers
+
+
+def v2_num_heads(num_heads: int, override: int | None = None) -> int:
+    """How many heads SparseVLM+ (v2.0) averages on a model with `num_heads` heads (SPEC §6).
+
+    The authors keep exactly `V2_HEADS` = 14 heads whatever the model (14 of LLaVA-13B's 40);
+    a model with fewer heads keeps round(14/32 * num_heads), at least 1. `override` (the
+    config's `v2_heads`) wins when given.
+
+    Raises:
+        ConfigError: `override` is not in [1, num_heads].
+    """
+    if override is not None:
+        if not 1 <= override <= num_heads:
+            raise ConfigError(f"v2_heads must be in [1, {num_heads}], got {override}")
+        return override
+    if num_heads >= V2_HEADS:
+        return V2_HEADS
+    return max(1, round(V2_HEAD_FRACTION * num_heads))
 
 
 def scale_schedule(schedule: tuple[int, ...], num_image_tokens: int) -> tuple[int, ...]:
@@ -446,11 +483,11 @@ def named_sparse_config(
 ) -> SparseConfig:
     """The SparseConfig of a named preset (`("dense", None)` gives no pruning).
 
-    Models that are not 32 layers deep get proportionally moved pruning layers
-    (`scale_layers`); models with other than 576 visual tokens get schedules scaled to the
-    same fractions (`scale_schedule`). Fixed-schedule methods (v1.5, v2.0, random) and FastV
-    get static capacities equal to what they keep (identical decisions, no waste); v1 is
-    rank-adaptive and runs `exact` unless capacities are given (`kw`).
+    Pruning layers are the authors' whatever the depth, scaled only on models too shallow for
+    them (`preset_layers`, SPEC §6); models with other than 576 visual tokens get schedules
+    scaled to the same fractions (`scale_schedule`). Fixed-schedule methods (v1.5, v2.0,
+    random) and FastV get static capacities equal to what they keep (identical decisions, no
+    waste); v1 is rank-adaptive and runs `exact` unless capacities are given (`kw`).
 
     random@B keeps, at v1.5@B's layers, as many tokens as v1.5@B has visual tokens after each
     layer (kept + recycled), so the two are compared at equal visual counts.
@@ -468,7 +505,7 @@ def named_sparse_config(
         ratio = FASTV_RATIOS[budget]
         cfg = SparseConfig(
             method="fastv",
-            layers=(max(scale_layers((FASTV_K,), num_layers)[0] - 1, 0),),
+            layers=(max(preset_layers((FASTV_K,), num_layers)[0] - 1, 0),),
             fastv_ratio=ratio,
             budget_name=budget,
             **kw,
@@ -477,7 +514,7 @@ def named_sparse_config(
         return cfg if "capacity" in kw else cfg.with_static_shape((kept,), num_image_tokens)
     table = V20_SCHEDULES if method == "v2_0" else V15_SCHEDULES
     schedule = scale_schedule(table[budget], num_image_tokens)
-    layers = scale_layers(V15_LAYERS_32, num_layers)
+    layers = preset_layers(V15_LAYERS_32, num_layers)
     if method == "random":
         v15 = SparseConfig(method="v1_5", layers=layers, schedule=schedule)
         schedule = _visual_counts_after(v15.with_static_shape(schedule, num_image_tokens))

@@ -51,7 +51,8 @@ KEEP_POSITION_METHODS = ("v2_0",)
 
 RECYCLE_FRACTION = 0.3  # top 30% (+1) of the pruned tokens are clustering candidates
 MERGE_EPS = 1e-6  # recycled token = sum / (count + MERGE_EPS), as the authors do
-V2_HEAD_FRACTION = 14 / 32  # SparseVLM+ averages the top 14 of LLaVA-7B's 32 heads
+V2_HEADS = 14  # SparseVLM+ averages the top 14 heads whatever the model (SPEC §6)
+V2_HEAD_FRACTION = V2_HEADS / 32  # models with fewer heads: the same fraction of LLaVA-7B's 32
 
 # Named budgets of SPEC §6 (LLaVA-1.5-7B).
 V1_BUDGETS: dict[int, tuple[float, float]] = {192: (13.5, 0.0), 128: (9.0, 6.0), 64: (0.8, 0.0)}
@@ -88,7 +89,8 @@ class RefSparseParams:
       scale, bias: v1 budget `k = min(int(rank * scale + bias), V - 1)`.
       schedule: per pruning layer, the kept count for v1.5 / v2.0 / random.
       fastv_ratio: FastV's R; keeps `round(V * (1 - R))` visual tokens.
-      v2_heads: heads averaged by v2.0; None means `round(14/32 * num_heads)` (at least 1).
+      v2_heads: heads averaged by v2.0; None means `v2_head_count`'s rule (14, or
+        round(14/32 * num_heads) on models with fewer than 14 heads).
       seed: seed of the "random" method.
       density_ties: how DPC-KNN orders equal densities (`density_order`): "lower_index"
         (default; the deterministic stand-in for the authors' tie-breaking noise) or
@@ -114,6 +116,8 @@ class RefSparseParams:
             raise ValueError(
                 f"density_ties must be 'lower_index' or 'strict', not {self.density_ties!r}"
             )
+        if self.v2_heads is not None and self.v2_heads < 1:
+            raise ValueError(f"v2_heads must be >= 1, got {self.v2_heads}")
         if self.method in ("v1_5", "v2_0", "random") and len(self.schedule) != len(self.layers):
             raise ValueError(
                 f"method {self.method} needs one schedule entry per pruning layer, "
@@ -218,6 +222,8 @@ class RefResult:
       layer_inputs: only with `keep_layer_inputs=True`: per layer (hidden [1, n_l, D],
         positions [n_l]) that the layer ran on.
       greedy_gaps: filled by `reference_generate`: top-1 minus top-2 logit at every step.
+      decode_positions: filled by `reference_generate`: per decoded token fed back, its
+        position at every layer (SPEC §5).
     """
 
     prefix_len: int
@@ -235,6 +241,12 @@ class RefResult:
     min_margin: float
     layer_inputs: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     greedy_gaps: list[float] = field(default_factory=list)
+    decode_positions: list[tuple[int, ...]] = field(default_factory=list)
+
+    @property
+    def prompt_len(self) -> int:
+        """N, the original (unpruned) prompt length."""
+        return self.prefix_len + self.num_image_tokens + self.num_text_tokens
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,6 +273,16 @@ def _note(margins: dict[str, float], kind: str, value: float) -> None:
 def _merge_margins(into: dict[str, float], other: dict[str, float]) -> None:
     for kind, value in other.items():
         _note(into, kind, value)
+
+
+def v2_head_count(num_heads: int, override: int | None = None) -> int:
+    """Heads SparseVLM+ averages (SPEC §6): `override` if given, else exactly 14 on a model
+    with at least 14 heads, else round(14/32 * num_heads) and at least 1."""
+    if override is not None:
+        if not 1 <= override <= num_heads:
+            raise ValueError(f"v2_heads must be in [1, {num_heads}], got {override}")
+        return override
+    return V2_HEADS if num_heads >= V2_HEADS else max(1, round(V2_HEAD_FRACTION * num_heads))
 
 
 def descending_order(x: torch.Tensor) -> torch.Tensor:
@@ -683,7 +705,7 @@ def _prune_step(
             bias = _rope_bias(rotary_emb, head_dim, positions[rows], positions[p:text_start], probs)
             per_head = per_head / bias  # gravity correction
             n_heads = per_head.shape[0]
-            n_sel = params.v2_heads or max(1, round(V2_HEAD_FRACTION * n_heads))
+            n_sel = v2_head_count(n_heads, params.v2_heads)
             head_mass = per_head.sum(dim=(1, 2))  # [H]
             head_order = descending_order(head_mass)
             _note(
@@ -893,15 +915,19 @@ def reference_decode_step(
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
     token_id: int,
     return_layer_inputs: bool = False,
+    position: int | None = None,
 ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]], list[torch.Tensor] | None]:
     """One decoding step with per-layer caches (SPEC §5).
 
-    At layer l the new token has position len_l (that layer's cache length before appending)
-    and attends to every cached token of the layer plus itself.
+    The new token attends to every cached token of each layer plus itself. Its position is
+    `position` at every layer when given (v2.0: N + t for the t-th generated token, N the
+    unpruned prompt length), else at layer l that layer's cache length before appending
+    (v1, v1.5: len_l).
 
     Args:
       kv_caches: per layer (k, v) [1, Hkv, len_l, head_dim]; not modified.
       token_id: the new token.
+      position: one position for every layer, or None for the per-layer cache length.
     Returns:
       (logits float32 [vocab], new caches, per-layer inputs [1, 1, D] of the new token or None).
     """
@@ -914,8 +940,9 @@ def reference_decode_step(
         inputs = []
         for layer, past in zip(lm.layers, kv_caches, strict=True):
             inputs.append(h)
-            position = torch.tensor([past[0].shape[2]], device=device)
-            h, _, kv = _decoder_layer(layer, lm.rotary_emb, h, position, past, causal=False)
+            pos = past[0].shape[2] if position is None else position
+            position_ids = torch.tensor([pos], device=device)
+            h, _, kv = _decoder_layer(layer, lm.rotary_emb, h, position_ids, past, causal=False)
             new_caches.append(kv)
         logits = model.lm_head(lm.norm(h))[0, -1].float()
     return logits, new_caches, (inputs if return_layer_inputs else None)
@@ -940,6 +967,10 @@ def reference_generate(
 ) -> tuple[list[int], RefResult]:
     """Greedy generation: pruned prefill, then per-layer-cache decoding.
 
+    Decode positions follow SPEC §5: v2.0 (kept positions) gives the t-th generated token
+    position N + t at every layer, the other methods each layer's cache length;
+    `result.decode_positions` records them.
+
     Stops after `max_new_tokens` tokens or after emitting a token in `eos_token_ids` (which is
     included in the output, as transformers' generate does). `result.greedy_gaps` holds the
     top-1 minus top-2 logit of every emitted token; `result.kv_caches` is left as after the
@@ -948,6 +979,7 @@ def reference_generate(
     Returns:
       (generated token ids, the prefill's RefResult).
     """
+    params = params or RefSparseParams()
     result = reference_prefill(model, input_ids, pixel_values, params, track_margins=track_margins)
     eos = set(int(t) for t in eos_token_ids)
     tokens: list[int] = []
@@ -959,5 +991,9 @@ def reference_generate(
         result.greedy_gaps.append(gap)
         if token in eos or step == max_new_tokens - 1:
             break
-        logits, caches, _ = reference_decode_step(model, caches, token)
+        position = result.prompt_len + step if params.keeps_positions else None
+        result.decode_positions.append(
+            tuple(k.shape[2] if position is None else position for k, _ in caches)
+        )
+        logits, caches, _ = reference_decode_step(model, caches, token, position=position)
     return tokens, result

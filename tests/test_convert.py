@@ -412,7 +412,16 @@ def test_cli(layouts, tmp_path, capsys):
 
     src, clip = layouts["original"]
     assert main([str(src), str(tmp_path / "a"), "--clip", str(clip), "--quiet"]) == 0
-    assert "wrote" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "wrote" in out
+    # The default stores bfloat16 from this float32 source: the summary and the metadata say so.
+    assert "bfloat16 weights (source float32; --dtype float32 or keep to match it)" in out
+    conversion = {"dtype": "bfloat16", "source_dtype": "float32", "requested_dtype": "bfloat16"}
+    assert checkpoint.load_metadata(tmp_path / "a") == {"conversion": conversion}
+    keep = [str(src), str(tmp_path / "k"), "--clip", str(clip), "--quiet", "--dtype", "keep"]
+    assert main(keep) == 0
+    assert "float32 weights (as the source)" in capsys.readouterr().out
+    assert checkpoint.load_metadata(tmp_path / "k")["conversion"]["requested_dtype"] == "keep"
     assert main([str(src), str(tmp_path / "b"), "--quiet"]) == 2
     assert "--clip" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()

@@ -6,6 +6,7 @@ Everything runs on CPU in float32.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -22,10 +23,11 @@ PREFIX = [1, 5, 6, 7, 8]  # p = 5, like llava-hf's "USER: "
 TEXT = list(range(10, 30))  # T = 20 text tokens after the image
 
 
-def build_llava(image_size: int, seed: int = 0):
+def build_llava(image_size: int, seed: int = 0, heads: int = 4, kv_heads: int = 2):
     """A tiny LlavaForConditionalGeneration: CLIP 32-d x 2 layers, Llama 64-d x 20 layers,
-    4 heads / 2 KV heads, vocab 64. Language-side weights are redrawn with large standard
-    deviations so attention is peaked and logits are well separated."""
+    `heads` heads / `kv_heads` KV heads (default 4 / 2), vocab 64. Language-side weights are
+    redrawn with large standard deviations so attention is peaked and logits are well
+    separated."""
     from transformers import (
         CLIPVisionConfig,
         LlamaConfig,
@@ -45,8 +47,8 @@ def build_llava(image_size: int, seed: int = 0):
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=20,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
         vocab_size=VOCAB,
         max_position_embeddings=512,
     )
@@ -284,6 +286,9 @@ def test_v1_generate_runs_with_pruned_caches(model64, inputs64):
         manual.append(int(logits.argmax()))
         logits, caches, _ = ref.reference_decode_step(model64, caches, manual[-1])
     assert manual == tokens
+    # v1 decodes each layer at its own cache length (SPEC §5).
+    lengths = tuple(k.shape[2] for k, _ in result.kv_caches)
+    assert result.decode_positions == [tuple(n + t for n in lengths) for t in range(3)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,9 +321,42 @@ def test_v2_0_keeps_positions_and_does_not_recycle(model64, inputs64):
     kept = [kept0[j] for j in res.prunes[2].kept]
     expected = list(range(5)) + [5 + j for j in kept] + list(range(69, 69 + len(TEXT)))
     assert res.positions.tolist() == expected
-    # Decoding uses each layer's cache length as the position.
-    _, caches, _ = ref.reference_decode_step(model64, res.kv_caches, 3)
+    # Decoding continues the original positions (SPEC §5): the t-th generated token has
+    # position N + t at every layer, N = 89 the unpruned prompt length.
+    n = ids.shape[1]
+    assert res.prompt_len == n == 89
+    tokens, gen = ref.reference_generate(model64, ids, pixels, params, max_new_tokens=4)
+    assert gen.decode_positions == [(n + t,) * 20 for t in range(3)]
+    manual, logits, caches = [], gen.logits[-1], gen.kv_caches
+    for t in range(4):
+        manual.append(int(logits.argmax()))
+        logits, caches, _ = ref.reference_decode_step(model64, caches, manual[-1], position=n + t)
+    assert manual == tokens
+    # One step equals transformers' layers run on [prefill input | new token at position N].
+    token = int(res.logits[-1].argmax())
+    _, caches, new_inputs = ref.reference_decode_step(
+        model64, res.kv_caches, token, return_layer_inputs=True, position=n
+    )
+    with torch.no_grad():
+        for i in range(19):
+            h_i, pos_i = res.layer_inputs[i]
+            seq = torch.cat([h_i, new_inputs[i]], dim=1)
+            out = hf_layer(model64, i, seq, torch.cat([pos_i, torch.tensor([n])]))[:, -1:]
+            torch.testing.assert_close(out, new_inputs[i + 1], atol=1e-5, rtol=1e-5)
     assert caches[19][0].shape[2] == len(expected) + 1
+
+
+def test_v2_0_averages_exactly_14_heads_on_wide_models(inputs64):
+    """SPEC §6: 14 heads whenever the model has at least 14 (here 16 of 16)."""
+    ids, pixels = inputs64
+    model = build_llava(112, heads=16, kv_heads=4)
+    params = RefSparseParams(method="v2_0", layers=(2, 6, 15), schedule=(30, 20, 10))
+    res = ref.reference_prefill(model, ids, pixels, params)
+    assert [len(r.heads) for r in res.prunes] == [14, 14, 14]
+    assert [r.v_out for r in res.prunes] == [30, 20, 10]
+    two = ref.reference_prefill(model, ids, pixels, dataclasses.replace(params, v2_heads=2))
+    assert [len(r.heads) for r in two.prunes] == [2, 2, 2]
+    assert [ref.v2_head_count(h) for h in (4, 13, 14, 16, 40)] == [2, 6, 14, 14, 14]
 
 
 def test_fastv_and_random(model64, inputs64):
