@@ -16,18 +16,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from sparsevlm_jax.config import (
+from sparsevlm_jax.config import ConfigError, LlavaConfig
+from sparsevlm_jax.errors import InputError
+from sparsevlm_jax.sparse.config import (
     METHODS,
     NAMED_BUDGETS,
     V1_BUDGETS,
     V1_LAYERS_32,
-    ConfigError,
-    LlavaConfig,
     SparseConfig,
     named_sparse_config,
     scale_layers,
 )
-from sparsevlm_jax.errors import InputError
 
 PROG = "sparsevlm"
 EXIT_OK, EXIT_BUG, EXIT_INPUT = 0, 1, 2

@@ -20,9 +20,10 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from sparsevlm_jax.batch import Batch, make_batch
-from sparsevlm_jax.config import LlavaConfig, SparseConfig, TextConfig, VisionConfig
+from sparsevlm_jax.config import LlavaConfig, TextConfig, VisionConfig
 from sparsevlm_jax.flops import prefill_flops
 from sparsevlm_jax.processing import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, preprocess_image
+from sparsevlm_jax.sparse.config import SparseConfig
 
 PREFIX_LEN = 35  # BOS + vicuna_v1 system prompt + "USER: ": the image starts at position 35
 TEXT_LEN = 20  # question + " ASSISTANT:"
@@ -287,7 +288,7 @@ def sparse_defaults(model: str | Path, method: str, budget: int, cfg: LlavaConfi
     (`sparse_defaults.json`, written by `sparsevlm_jax.shapes_task.write_sparse_defaults`)."""
     import json
 
-    from sparsevlm_jax.config import named_sparse_config
+    from sparsevlm_jax.sparse.config import named_sparse_config
 
     sparse = named_sparse_config(method, budget, cfg.text.num_hidden_layers, cfg.num_image_tokens)
     path = Path(model) / "sparse_defaults.json"

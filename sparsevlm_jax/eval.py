@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 
 from sparsevlm_jax.batch import Buckets
-from sparsevlm_jax.config import SparseConfig
 from sparsevlm_jax.errors import InputError
+from sparsevlm_jax.sparse.config import SparseConfig
 
 REQUIRED_FIELDS: tuple[tuple[str, tuple[type, ...]], ...] = (
     ("question_id", (str, int)),

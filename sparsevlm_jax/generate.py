@@ -17,8 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparsevlm_jax.batch import Batch
-from sparsevlm_jax.config import LlavaConfig, SparseConfig
+from sparsevlm_jax.config import LlavaConfig
 from sparsevlm_jax.model.llava import KVCache, decode_step, prefill
+from sparsevlm_jax.sparse.config import SparseConfig
 
 Array = jax.Array
 PAD = -1  # token id written after a row has finished

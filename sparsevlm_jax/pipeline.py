@@ -15,9 +15,10 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from sparsevlm_jax.config import LlavaConfig, SparseConfig
+from sparsevlm_jax.config import LlavaConfig
 from sparsevlm_jax.generate import Generation, generate_ids, strip_eos
 from sparsevlm_jax.processing import Processor
+from sparsevlm_jax.sparse.config import SparseConfig
 from sparsevlm_jax.sparse.prune import analytic_flops
 
 ImageLike = Any  # a path or a PIL image

@@ -364,8 +364,8 @@ def evaluate(
     """Runs `LlavaPipeline.generate` on a written test set; (scores, rows with predictions)."""
     from tqdm import tqdm
 
-    from sparsevlm_jax.config import SparseConfig
     from sparsevlm_jax.pipeline import LlavaPipeline
+    from sparsevlm_jax.sparse.config import SparseConfig
 
     test_dir = Path(test_dir)
     rows = [json.loads(line) for line in (test_dir / "questions.jsonl").read_text().splitlines()]
@@ -397,8 +397,8 @@ def calibrate_model(
     `write_sparse_defaults` stores it as `sparse_defaults.json` beside the model.
     """
     from sparsevlm_jax.checkpoint import load
-    from sparsevlm_jax.config import SparseConfig
     from sparsevlm_jax.sparse.calibrate import calibrate
+    from sparsevlm_jax.sparse.config import SparseConfig
 
     params, cfg = load(model)
     proc = _processor(model, cfg)
@@ -470,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {n} questions about {args.images} images to {path}")
         return 0
     from sparsevlm_jax.checkpoint import load_config
-    from sparsevlm_jax.config import named_sparse_config
+    from sparsevlm_jax.sparse.config import named_sparse_config
 
     cfg = load_config(args.model)
     sparse = named_sparse_config(args.sparse, args.budget, cfg.text.num_hidden_layers)

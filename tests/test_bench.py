@@ -9,7 +9,7 @@ import json
 import pytest
 
 from sparsevlm_jax import bench
-from sparsevlm_jax.config import named_presets
+from sparsevlm_jax.sparse.config import named_presets
 
 
 @pytest.fixture(scope="module")

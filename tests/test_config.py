@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from sparsevlm_jax.config import (
+from sparsevlm_jax.config import ConfigError
+from sparsevlm_jax.sparse.config import (
     V1_LAYERS_32,
     V15_LAYERS_32,
-    ConfigError,
     SparseConfig,
     named_sparse_config,
     preset_layers,

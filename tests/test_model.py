@@ -9,9 +9,9 @@ from tiny_models import hf_greedy, hf_logits, random_pixels, save_tiny_llava, ti
 
 from sparsevlm_jax import checkpoint
 from sparsevlm_jax.batch import make_batch
-from sparsevlm_jax.config import SparseConfig
 from sparsevlm_jax.generate import compile_counts, generate_ids, prefill_jit
 from sparsevlm_jax.params import cast_params
+from sparsevlm_jax.sparse.config import SparseConfig
 
 torch = pytest.importorskip("torch")
 

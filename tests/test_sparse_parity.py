@@ -18,8 +18,8 @@ import pytest
 from tiny_models import IMAGE_TOKEN, random_pixels, save_tiny_llava, tiny_llava
 
 from sparsevlm_jax.batch import make_batch
-from sparsevlm_jax.config import SparseConfig
 from sparsevlm_jax.generate import compile_counts, decode_jit, prefill_jit
+from sparsevlm_jax.sparse.config import SparseConfig
 
 torch = pytest.importorskip("torch")
 ref = pytest.importorskip("sparsevlm_jax.reference_torch")

@@ -15,10 +15,10 @@ from sparsevlm_jax import shapes_task as st
 from sparsevlm_jax import train as tr
 from sparsevlm_jax.batch import make_batch
 from sparsevlm_jax.checkpoint import load
-from sparsevlm_jax.config import SparseConfig
 from sparsevlm_jax.model.llava import prefill
 from sparsevlm_jax.params import init_params
 from sparsevlm_jax.processing import Processor
+from sparsevlm_jax.sparse.config import SparseConfig
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from PIL import Image
 
 from sparsevlm_jax.bench.plot import Figure, Panel, Series, render_png
 from sparsevlm_jax.bench.report import write_atomic
-from sparsevlm_jax.config import SparseConfig, named_presets, named_sparse_config
+from sparsevlm_jax.sparse.config import SparseConfig, named_presets, named_sparse_config
 
 
 def questions_of(num_images: int, image_size: int) -> tuple[list[Image.Image], list[Any]]:

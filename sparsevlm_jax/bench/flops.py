@@ -31,13 +31,14 @@ import numpy as np
 
 from sparsevlm_jax.batch import Batch
 from sparsevlm_jax.bench.workloads import Workload
-from sparsevlm_jax.config import LlavaConfig, SparseConfig
+from sparsevlm_jax.config import LlavaConfig
 from sparsevlm_jax.flops import prefill_flops
 from sparsevlm_jax.generate import prefill_jit
 from sparsevlm_jax.model.clip import image_features
 from sparsevlm_jax.model.llava import KVCache, stage_bounds
 from sparsevlm_jax.params import abstract_params
 from sparsevlm_jax.presets import abstract_batch
+from sparsevlm_jax.sparse.config import SparseConfig
 
 
 def visual_slots_per_layer(cfg: LlavaConfig, sparse: SparseConfig) -> list[int]:

@@ -25,9 +25,10 @@ import numpy as np
 from sparsevlm_jax.batch import Batch
 from sparsevlm_jax.bench.flops import kv_report
 from sparsevlm_jax.bench.workloads import Workload
-from sparsevlm_jax.config import LlavaConfig, SparseConfig
+from sparsevlm_jax.config import LlavaConfig
 from sparsevlm_jax.generate import prefill_jit
 from sparsevlm_jax.model.llava import KVCache, decode_step
+from sparsevlm_jax.sparse.config import SparseConfig
 
 Timings = dict[str, list[float]]
 

@@ -11,9 +11,10 @@ import numpy as np
 
 from sparsevlm_jax.bench.timing import JaxMethod
 from sparsevlm_jax.bench.workloads import Options, Workload, device_init_params, image_token_id
-from sparsevlm_jax.config import LlavaConfig, SparseConfig
+from sparsevlm_jax.config import LlavaConfig
 from sparsevlm_jax.eval import jsonable
 from sparsevlm_jax.params import param_shapes
+from sparsevlm_jax.sparse.config import SparseConfig
 
 # Rank-adaptive methods are also timed against a fixed-schedule reference that keeps what
 # the JAX run kept (`matched_reference_params`).

@@ -17,14 +17,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparsevlm_jax.batch import Buckets
-from sparsevlm_jax.config import (
+from sparsevlm_jax.config import LlavaConfig
+from sparsevlm_jax.params import flatten, param_shapes, unflatten
+from sparsevlm_jax.sparse.config import (
     V1_STATIC_SHAPES_7B,
-    LlavaConfig,
     SparseConfig,
     named_presets,
     named_sparse_config,
 )
-from sparsevlm_jax.params import flatten, param_shapes, unflatten
 
 PREFIX_TOKENS = 35  # vicuna_v1 system prompt + "USER: " before the image
 TEXT_TOKENS = 60  # a realistic question + " ASSISTANT:" after the image

@@ -19,9 +19,10 @@ import jax.numpy as jnp
 from flax import struct
 
 from sparsevlm_jax.batch import Batch
-from sparsevlm_jax.config import LlavaConfig, SparseConfig
+from sparsevlm_jax.config import LlavaConfig
 from sparsevlm_jax.model import llama
 from sparsevlm_jax.model.clip import image_features
+from sparsevlm_jax.sparse.config import SparseConfig
 
 Array = jax.Array
 Params = dict[str, Any]

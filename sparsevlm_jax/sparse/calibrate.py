@@ -13,7 +13,8 @@ from collections.abc import Iterable
 import numpy as np
 
 from sparsevlm_jax.batch import Batch
-from sparsevlm_jax.config import LlavaConfig, SparseConfig
+from sparsevlm_jax.config import LlavaConfig
+from sparsevlm_jax.sparse.config import SparseConfig
 
 
 def calibrate(

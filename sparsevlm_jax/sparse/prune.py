@@ -19,17 +19,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparsevlm_jax.config import (
-    V2_HEAD_FRACTION,
-    ConfigError,
-    LlavaConfig,
-    SparseConfig,
-    TextConfig,
-)
+from sparsevlm_jax.config import ConfigError, LlavaConfig, TextConfig
 from sparsevlm_jax.flops import prefill_flops
 from sparsevlm_jax.model import llama
 from sparsevlm_jax.model.llava import SeqState, positions_from_valid
 from sparsevlm_jax.sparse.common import descending_order
+from sparsevlm_jax.sparse.config import V2_HEAD_FRACTION, SparseConfig
 from sparsevlm_jax.sparse.rank import budget_table, fixed_budget, matrix_rank, rank_budget
 from sparsevlm_jax.sparse.raters import rater_scores, text_raters
 from sparsevlm_jax.sparse.recycle import (

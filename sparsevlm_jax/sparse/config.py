@@ -1,0 +1,322 @@
+"""SparseConfig: which visual-token pruning runs in the prefill, and the methods' presets.
+
+The named budgets and pruning layers of SPEC §6 (LLaVA-1.5-7B), the rules that carry them to
+other models (`preset_layers`, `scale_schedule`, `v2_num_heads`) and `named_sparse_config`,
+which builds a preset's config. Plain frozen dataclasses of Python values, so a config can be
+a static argument of `jax.jit`; the model configs are in `sparsevlm_jax.config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from sparsevlm_jax.config import ConfigError
+
+# SparseVLM v1 named budgets (SPEC §6): budget -> (scale, bias) of k = floor(rank*scale + bias).
+V1_BUDGETS: dict[int, tuple[float, float]] = {192: (13.5, 0.0), 128: (9.0, 6.0), 64: (0.8, 0.0)}
+V1_LAYERS_32 = (2, 6, 15, 19)
+# v1.5 / v2.0 (SparseVLM+) fixed schedules on LLaVA-1.5-7B (SPEC §6): kept per pruning layer.
+V15_LAYERS_32 = (2, 6, 15)
+V15_SCHEDULES: dict[int, tuple[int, ...]] = {
+    192: (300, 200, 110),
+    128: (303, 110, 36),
+    96: (238, 48, 26),
+    64: (66, 30, 17),
+}
+V20_SCHEDULES: dict[int, tuple[int, ...]] = {
+    192: (300, 200, 118),
+    128: (238, 108, 60),
+    96: (246, 54, 28),
+    64: (66, 34, 20),
+}
+# Static buffer shapes for v1 on LLaVA-1.5-7B when no calibration set is at hand (benchmarks
+# with random weights): the v1.5 schedules of the same budget, the 4th layer keeping what the
+# 3rd kept. Calibrate (`sparsevlm_jax.sparse.calibrate`) for real workloads.
+V1_STATIC_SHAPES_7B: dict[int, tuple[int, ...]] = {
+    192: (300, 200, 110, 110),
+    128: (303, 110, 36, 36),
+    64: (66, 30, 17, 17),
+}
+# FastV (SPEC §7): keep round(V * (1 - R)) visual tokens after layer K. Named budgets are the
+# R that keeps about that many of 576 tokens, pruning after layer K = 2.
+FASTV_K = 2
+FASTV_RATIOS: dict[int, float] = {192: 2 / 3, 128: 7 / 9, 64: 8 / 9}
+# SparseVLM+ averages the top V2_HEADS heads (SPEC §6); models with fewer keep 14/32 of theirs.
+V2_HEADS = 14
+V2_HEAD_FRACTION = V2_HEADS / 32
+REFERENCE_IMAGE_TOKENS = 576
+METHODS = ("dense", "v1", "v1_5", "v2_0", "fastv", "random")
+FIXED_SCHEDULE_METHODS = ("v1_5", "v2_0", "random")
+RECYCLING_METHODS = ("v1", "v1_5")
+CAPACITY_POLICIES = ("bucketed", "static", "exact")
+
+
+@dataclass(frozen=True)
+class SparseConfig:
+    """Which visual-token pruning runs in the prefill, and with what static capacities.
+
+    method: "dense" (no pruning); "v1" (SparseVLM's rank-adaptive method, SPEC §3); "v1_5" and
+      "v2_0" (SparseVLM's fixed schedules; v2.0 = SparseVLM+ with gravity-corrected top-head
+      scores, no recycling, original positions); "fastv" (the last prompt token's attention,
+      SPEC §7); "random" (a seeded uniform subset, SPEC §7).
+    layers: the pruning layers (0-based); the layer runs on the unpruned sequence, later
+      layers see the pruned one.
+    scale, bias: v1's budget `k = min(floor(rank*scale + bias), V-1)`.
+    schedule: kept count per pruning layer for v1_5 / v2_0 (`min(schedule[i], V-1)`) and
+      random (`min(schedule[i], V)`).
+    fastv_ratio: FastV's R; keeps `round(V * (1 - R))`.
+    v2_heads: heads averaged by v2.0; None = `v2_num_heads`'s rule (14, or round(14/32 *
+      heads) on models with fewer than 14 heads).
+    seed: the random method's seed.
+    capacity: "exact" (the kept buffer can hold every budget: identical decisions to the
+      reference, no compute saved beyond the valid-slot count) or "static" (`capacities[i]`
+      visual slots after pruning layer i; a larger budget keeps the top-`capacities[i]` tokens
+      and reports the difference as overflow).
+    recycled_capacities: static slots for recycled tokens per pruning layer; empty = the
+      largest count that can occur.
+    """
+
+    method: str = "dense"
+    layers: tuple[int, ...] = ()
+    scale: float = 0.0
+    bias: float = 0.0
+    schedule: tuple[int, ...] = ()
+    fastv_ratio: float = 0.5
+    v2_heads: int | None = None
+    seed: int = 0
+    capacity: str = "exact"
+    capacities: tuple[int, ...] = ()
+    recycled_capacities: tuple[int, ...] = ()
+    budget_name: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown sparse method {self.method!r}; known: {', '.join(METHODS)}")
+        if self.capacity not in CAPACITY_POLICIES:
+            raise ConfigError(
+                f"unknown capacity policy {self.capacity!r}; known: {', '.join(CAPACITY_POLICIES)}"
+            )
+        if self.method == "dense":
+            return
+        if not self.layers or list(self.layers) != sorted(set(self.layers)):
+            raise ConfigError(f"pruning layers must be increasing and distinct, got {self.layers}")
+        if self.layers[0] < 0:
+            raise ConfigError(f"pruning layers must be >= 0, got {self.layers}")
+        if self.method in FIXED_SCHEDULE_METHODS and len(self.schedule) != len(self.layers):
+            raise ConfigError(
+                f"method {self.method} needs one schedule entry per pruning layer "
+                f"({len(self.layers)}), got {self.schedule}"
+            )
+        if any(k < 0 for k in self.schedule):
+            raise ConfigError(f"schedule entries must be >= 0, got {self.schedule}")
+        if self.v2_heads is not None and self.v2_heads < 1:
+            raise ConfigError(f"v2_heads must be >= 1, got {self.v2_heads}")
+        if self.method == "fastv" and not 0.0 <= self.fastv_ratio <= 1.0:
+            raise ConfigError(f"fastv_ratio must be in [0, 1], got {self.fastv_ratio}")
+        if self.capacity == "static" and len(self.capacities) != len(self.layers):
+            raise ConfigError(
+                f"static capacity needs one capacity per pruning layer ({len(self.layers)}), "
+                f"got {self.capacities}"
+            )
+        if self.recycled_capacities and len(self.recycled_capacities) != len(self.layers):
+            raise ConfigError("recycled_capacities needs one entry per pruning layer")
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "dense"
+
+    @property
+    def recycles(self) -> bool:
+        return self.method in RECYCLING_METHODS
+
+    @property
+    def keeps_positions(self) -> bool:
+        """v2.0 keeps the kept tokens' original position ids; the others renumber."""
+        return self.method == "v2_0"
+
+    @property
+    def name(self) -> str:
+        """e.g. "v1@192", "fastv@64", "dense"."""
+        if not self.enabled:
+            return "dense"
+        return f"{self.method}@{self.budget_name}" if self.budget_name else self.method
+
+    def replace(self, **kw: Any) -> SparseConfig:
+        return dataclasses.replace(self, **kw)
+
+    def validate_for(self, num_layers: int) -> None:
+        if self.enabled and self.layers[-1] >= num_layers - 1:
+            raise ConfigError(
+                f"pruning layers {self.layers} must be below the last decoder layer "
+                f"({num_layers - 1})"
+            )
+
+    def with_static_shape(self, capacities: tuple[int, ...], num_image_tokens: int = 576):
+        """`static` capacities, with recycled slots sized for budgets equal to the capacities.
+
+        With k = C at every pruning layer the recycled counts are determined:
+        V_in - C pruned, (3(V_in - C))//10 + 1 candidates, candidates//10 + 1 clusters. A
+        smaller budget then prunes more and can need more recycled slots: those extra
+        clusters are dropped and counted as `recycled_overflow`. Methods that do not recycle
+        get one (never used) recycled slot.
+        """
+        recycled, vis = [], num_image_tokens
+        for cap in capacities:
+            pruned = max(vis - cap, 0)
+            rec = (((3 * pruned) // 10 + 1) // 10 + 1) if pruned and self.recycles else 0
+            recycled.append(max(rec, 1))
+            vis = min(cap, vis) + rec
+        return self.replace(
+            capacity="static", capacities=tuple(capacities), recycled_capacities=tuple(recycled)
+        )
+
+    @classmethod
+    def v1(
+        cls,
+        budget: int = 192,
+        num_layers: int = 32,
+        layers: tuple[int, ...] | None = None,
+        capacity: str = "exact",
+        capacities: tuple[int, ...] = (),
+    ) -> SparseConfig:
+        """SparseVLM v1 at a named budget (192, 128 or 64) of SPEC §6.
+
+        `layers` default to the authors' 2, 6, 15, 19 (`preset_layers`: scaled only on models
+        too shallow for them).
+        """
+        if budget not in V1_BUDGETS:
+            raise ConfigError(
+                f"no v1 budget named {budget}; named budgets: {sorted(V1_BUDGETS, reverse=True)}"
+            )
+        scale, bias = V1_BUDGETS[budget]
+        return cls(
+            method="v1",
+            layers=layers if layers is not None else preset_layers(V1_LAYERS_32, num_layers),
+            scale=scale,
+            bias=bias,
+            capacity=capacity,
+            capacities=capacities,
+            budget_name=budget,
+        )
+
+
+def preset_layers(layers: tuple[int, ...], num_layers: int, reference: int = 32) -> tuple[int, ...]:
+    """The pruning layers of a preset on a model of `num_layers` decoder layers (SPEC §6).
+
+    The authors use the same layers for every LLaVA, whatever its depth (LLaVA-1.5-13B's 40
+    layers included), so `layers` are returned unchanged whenever the model has a layer after
+    the last of them (`num_layers > layers[-1] + 1`). Only a model too shallow for them gets
+    layer l moved to round(l * num_layers / reference) (Python's round: halves to even),
+    pushed up to stay distinct and increasing; the result must stay below the last layer.
+
+    Raises:
+        ConfigError: the model is too shallow even for the scaled layers.
+    """
+    if not layers or num_layers > layers[-1] + 1:
+        return tuple(layers)
+    out: list[int] = []
+    for layer in layers:
+        v = max(round(layer * num_layers / reference), out[-1] + 1 if out else 0)
+        out.append(v)
+    if out[-1] >= num_layers - 1:
+        raise ConfigError(f"a {num_layers}-layer model is too shallow for pruning at {layers}")
+    return tuple(out)
+
+
+# The name callers used while the rule scaled every depth; same function.
+scale_layers = preset_layers
+
+
+def v2_num_heads(num_heads: int, override: int | None = None) -> int:
+    """How many heads SparseVLM+ (v2.0) averages on a model with `num_heads` heads (SPEC §6).
+
+    The authors keep exactly `V2_HEADS` = 14 heads whatever the model (14 of LLaVA-13B's 40);
+    a model with fewer heads keeps round(14/32 * num_heads), at least 1. `override` (the
+    config's `v2_heads`) wins when given.
+
+    Raises:
+        ConfigError: `override` is not in [1, num_heads].
+    """
+    if override is not None:
+        if not 1 <= override <= num_heads:
+            raise ConfigError(f"v2_heads must be in [1, {num_heads}], got {override}")
+        return override
+    if num_heads >= V2_HEADS:
+        return V2_HEADS
+    return max(1, round(V2_HEAD_FRACTION * num_heads))
+
+
+def scale_schedule(schedule: tuple[int, ...], num_image_tokens: int) -> tuple[int, ...]:
+    """A 576-token schedule as the same fractions of `num_image_tokens` (rounded, >= 1)."""
+    if num_image_tokens == REFERENCE_IMAGE_TOKENS:
+        return schedule
+    return tuple(max(1, round(k * num_image_tokens / REFERENCE_IMAGE_TOKENS)) for k in schedule)
+
+
+NAMED_BUDGETS: dict[str, tuple[int, ...]] = {
+    "v1": tuple(sorted(V1_BUDGETS, reverse=True)),
+    "v1_5": tuple(sorted(V15_SCHEDULES, reverse=True)),
+    "v2_0": tuple(sorted(V20_SCHEDULES, reverse=True)),
+    "fastv": tuple(sorted(FASTV_RATIOS, reverse=True)),
+    "random": tuple(sorted(V15_SCHEDULES, reverse=True)),
+}
+
+
+def named_presets() -> list[tuple[str, int]]:
+    """Every (method, named budget) pair this version implements, for benchmarks and CLIs."""
+    return [(m, b) for m, budgets in NAMED_BUDGETS.items() for b in budgets]
+
+
+def named_sparse_config(
+    method: str,
+    budget: int | None,
+    num_layers: int = 32,
+    num_image_tokens: int = REFERENCE_IMAGE_TOKENS,
+    **kw: Any,
+) -> SparseConfig:
+    """The SparseConfig of a named preset (`("dense", None)` gives no pruning).
+
+    Pruning layers are the authors' whatever the depth, scaled only on models too shallow for
+    them (`preset_layers`, SPEC §6); models with other than 576 visual tokens get schedules
+    scaled to the same fractions (`scale_schedule`). Fixed-schedule methods (v1.5, v2.0,
+    random) and FastV get static capacities equal to what they keep (identical decisions, no
+    waste); v1 is rank-adaptive and runs `exact` unless capacities are given (`kw`).
+
+    random@B keeps, at v1.5@B's layers, as many tokens as v1.5@B has visual tokens after each
+    layer (kept + recycled), so the two are compared at equal visual counts.
+    """
+    if method == "dense":
+        return SparseConfig()
+    known = NAMED_BUDGETS.get(method)
+    if known is None:
+        raise ConfigError(f"unknown sparse method {method!r}; known: {', '.join(METHODS)}")
+    if budget not in known:
+        raise ConfigError(f"no {method} budget named {budget}; named budgets: {list(known)}")
+    if method == "v1":
+        return SparseConfig.v1(budget, num_layers=num_layers, **kw)
+    if method == "fastv":
+        ratio = FASTV_RATIOS[budget]
+        cfg = SparseConfig(
+            method="fastv",
+            layers=(max(preset_layers((FASTV_K,), num_layers)[0] - 1, 0),),
+            fastv_ratio=ratio,
+            budget_name=budget,
+            **kw,
+        )
+        kept = round(num_image_tokens * (1 - ratio))
+        return cfg if "capacity" in kw else cfg.with_static_shape((kept,), num_image_tokens)
+    table = V20_SCHEDULES if method == "v2_0" else V15_SCHEDULES
+    schedule = scale_schedule(table[budget], num_image_tokens)
+    layers = preset_layers(V15_LAYERS_32, num_layers)
+    if method == "random":
+        v15 = SparseConfig(method="v1_5", layers=layers, schedule=schedule)
+        schedule = _visual_counts_after(v15.with_static_shape(schedule, num_image_tokens))
+    cfg = SparseConfig(method=method, layers=layers, schedule=schedule, budget_name=budget, **kw)
+    return cfg if "capacity" in kw else cfg.with_static_shape(schedule, num_image_tokens)
+
+
+def _visual_counts_after(cfg: SparseConfig) -> tuple[int, ...]:
+    """Visual tokens after each pruning layer of a static fixed-schedule config (k + c)."""
+    return tuple(k + c for k, c in zip(cfg.capacities, cfg.recycled_capacities, strict=True))
