@@ -5,7 +5,9 @@
 Public API:
     convert_checkpoint(src, dst, dtype="bfloat16", clip=None, progress=True, overwrite=False)
     load_transformers(src, dtype=None, clip=None) -> (params, cfg)
-    load_model(path, dtype=None, clip=None) -> (params, cfg)   # our checkpoint or a source dir
+
+Opening "our checkpoint or a source directory" is `sparsevlm_jax.loading.load_model` (above
+both this package and `sparsevlm_jax.checkpoint`, which this package writes through).
 """
 
 from convert.errors import ConversionError
@@ -17,14 +19,12 @@ from convert.llava import (
     tokenizer_files,
 )
 from convert.readers import WeightsError, open_weights
-from sparsevlm_jax.checkpoint import load_model
 
 __all__ = [
     "ConversionError",
     "WeightsError",
     "convert_checkpoint",
     "convert_to_numpy",
-    "load_model",
     "load_transformers",
     "open_weights",
     "read_config",

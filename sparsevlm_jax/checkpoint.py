@@ -9,6 +9,9 @@
 into place at the end, so a failed save leaves neither `path` nor the temporary directory.
 `load` restores into the abstract tree of `params.abstract_params`, so arrays come back as
 `jax.Array`s (in the saved dtype unless asked otherwise), placed by the given shardings.
+
+This module knows only this format; `convert` writes it, and `loading` (above both) opens
+whatever directory a user points at, converting source checkpoints in memory.
 """
 
 from __future__ import annotations
@@ -268,52 +271,8 @@ def _raise_problems(
         raise CheckpointError(f"checkpoint {path}: " + ", ".join(parts))
 
 
-def load_model_config(path: str | Path, clip: str | Path | None = None) -> LlavaConfig:
-    """The config of our checkpoint or of a transformers / LLaVA directory (no weights read)."""
-    path = Path(path)
-    if is_checkpoint(path):
-        return load_config(path)
-    if (path / CONFIG_FILE).is_file():
-        from convert.llava import read_config
-
-        return read_config(path, clip)
-    raise CheckpointError(
-        f"{path}: not a checkpoint (no {CONFIG_FILE}; expected a directory written by "
-        "`sparsevlm convert`, or a llava-hf / original LLaVA directory)"
-    )
-
-
 def _describe(what: str, items: list[str], limit: int = 5) -> str:
     shown = ", ".join(items[:limit])
     if len(items) > limit:
         shown += f", ... and {len(items) - limit} more"
     return f"{len(items)} {what} ({shown})"
-
-
-def load_model(
-    path: str | Path, dtype: str | None = None, clip: str | Path | None = None
-) -> tuple[Params, LlavaConfig]:
-    """Loads our checkpoint, or converts a transformers / original LLaVA directory in memory.
-
-    Args:
-        path: a directory written by `save`, a llava-hf / transformers LLaVA directory, or an
-            original LLaVA-1.5 directory (then `clip` names the CLIP checkpoint directory).
-        dtype: weight dtype ("float32" | "bfloat16" | "float16"); None keeps the stored one.
-        clip: CLIP vision checkpoint directory, only for original LLaVA checkpoints.
-
-    Returns:
-        `(params, cfg)` with `jax.Array` leaves.
-    """
-    path = Path(path)
-    if is_checkpoint(path):
-        if clip is not None:
-            raise CheckpointError(f"{path}: is a converted checkpoint; `clip` is not used")
-        return load(path, dtype)
-    if (path / CONFIG_FILE).is_file():
-        from convert import load_transformers
-
-        return load_transformers(path, dtype=dtype, clip=clip)
-    raise CheckpointError(
-        f"{path}: neither a sparsevlm-jax checkpoint nor a transformers/LLaVA directory "
-        f"(no {CONFIG_FILE})"
-    )

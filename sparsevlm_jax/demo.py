@@ -284,22 +284,18 @@ DEMO_METHODS = (("v1", 64), ("v1_5", 64), ("fastv", 64), ("random", 64))
 
 
 def sparse_defaults(model: str | Path, method: str, budget: int, cfg: LlavaConfig) -> SparseConfig:
-    """A named preset for `cfg`; v1 uses the model's calibrated capacities when it ships them
-    (`sparse_defaults.json`, written by `sparsevlm_jax.shapes_task.write_sparse_defaults`)."""
-    import json
+    """A named preset for `cfg` under the default capacity policy (`calibrated.default_capacity`):
+    v1 takes the calibrated capacities the model ships in `sparse_defaults.json` when they fit
+    its layers, else runs `bucketed`; a note on stderr says when they do not fit."""
+    import sys
 
+    from sparsevlm_jax.calibrated import default_capacity
     from sparsevlm_jax.sparse.config import named_sparse_config
 
     sparse = named_sparse_config(method, budget, cfg.text.num_hidden_layers, cfg.num_image_tokens)
-    path = Path(model) / "sparse_defaults.json"
-    if method == "v1" and path.is_file():
-        entry = json.loads(path.read_text()).get(str(budget))
-        if entry and tuple(entry["layers"]) == sparse.layers:
-            sparse = sparse.replace(
-                capacity="static",
-                capacities=tuple(entry["capacities"]),
-                recycled_capacities=tuple(entry["recycled_capacities"]),
-            )
+    sparse, note = default_capacity(sparse, model)
+    if note is not None:
+        print(f"note: {note}", file=sys.stderr)
     return sparse
 
 

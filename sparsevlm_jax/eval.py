@@ -84,10 +84,22 @@ def jsonable(x: Any) -> Any:
 def stats_to_json(
     stats: dict[str, Any], sparse: SparseConfig, num_image_tokens: int
 ) -> dict[str, Any]:
-    """A `Result.stats` dict as plain JSON (`layers[*].kept` checked with `check_kept`)."""
+    """A `Result.stats` dict as plain JSON (`layers[*].kept` checked with `check_kept`).
+
+    Sparse runs always name their capacity policy: `capacity` = {"policy", "capacities",
+    "recycled_capacities"} (per pruning layer) as the prefill reported it, else as `sparse`
+    configured it (the capacities then only for `static`, where they are fixed in advance).
+    """
     out = jsonable(stats)
     if "layers" in out:
         check_kept(out["layers"], num_image_tokens)
+    if sparse.enabled and "capacity" not in out:
+        static = sparse.capacity == "static"
+        out["capacity"] = {
+            "policy": sparse.capacity,
+            "capacities": list(sparse.capacities) if static else None,
+            "recycled_capacities": list(sparse.recycled_capacities) if static else None,
+        }
     return out
 
 

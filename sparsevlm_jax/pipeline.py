@@ -97,7 +97,7 @@ class LlavaPipeline:
         dtype: weight dtype (None keeps the stored one); compute_dtype defaults to it.
         processor_overrides: e.g. `template="llava_hf"`, `image_mode="crop"`.
         """
-        from sparsevlm_jax.checkpoint import load_model
+        from sparsevlm_jax.loading import load_model
 
         params, cfg = load_model(path, dtype=dtype, clip=clip)
         cfg = cfg.replace(param_dtype=dtype or cfg.param_dtype)

@@ -22,14 +22,18 @@ import pytest
 from PIL import Image
 
 from sparsevlm_jax import cli
+from sparsevlm_jax.cli import info as cli_info
 from sparsevlm_jax.cli import main
+from sparsevlm_jax.cli import models as cli_models
+from sparsevlm_jax.cli import sparsity as cli_sparsity
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "What is in the image?"
-SPARSE = ["--sparse", "v1", "--layers", "1,2", "--scale", "1", "--bias", "0"]
+# `exact` keeps these mechanics tests independent of the default policy (tested on its own).
+SPARSE = ["--sparse", "v1", "--layers", "1,2", "--scale", "1", "--bias", "0", "--capacity", "exact"]
 GEN = ["--max-new-tokens", "4"]
 NUM_VISUAL = 16
 
@@ -258,7 +262,7 @@ def test_unknown_sparse_method(work, capsys):
         (["--sparse", "v1", "--layers", "1,2", "--budget", "100"], "no v1 budget named 100"),
         ([*SPARSE, "--capacity", "1000,1000"], "capacity 1000 is larger than"),
         ([*SPARSE, "--capacity", "8"], "one capacity per pruning layer"),
-        ([*SPARSE, "--capacity", "static"], "needs one number per pruning layer"),
+        ([*SPARSE, "--capacity", "static"], "has no calibrated v1 capacities"),
         (["--sparse", "v1", "--scale", "1"], "too shallow"),
         (["--sparse", "dense", "--budget", "64"], "need a sparse method"),
         (["--budget", "64", "--scale", "1", "--layers", "1,2"], "either --budget or --scale"),
@@ -280,7 +284,7 @@ def parse_sparse(work: Path, *extra: str):
     from sparsevlm_jax.checkpoint import load_config
 
     args = cli.build_parser().parse_args([str(a) for a in gen_args(work, *extra)])
-    return cli.sparse_from_args(args, load_config(work / "ckpt"))
+    return cli.sparse_from_args(args, load_config(work / "ckpt"), work / "ckpt")
 
 
 def test_named_presets_of_the_other_methods(work):
@@ -298,7 +302,7 @@ def test_default_model_is_the_bundled_one():
 
 
 def test_model_is_required_without_a_bundled_one(work, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "default_model_path", lambda: None)
+    monkeypatch.setattr(cli_models, "default_model_path", lambda: None)
     rc, out, err = run(capsys, "generate", "--image", work / "rgb.png", "--prompt", PROMPT)
     assert_input_error(rc, out, err, "a model is required", "--model")
 
@@ -312,12 +316,14 @@ def test_unexpected_error_exits_1_with_traceback(work, capsys, monkeypatch):
     def boom(args):
         raise RuntimeError("kaboom")
 
-    monkeypatch.setattr(cli, "cmd_info", boom)
+    monkeypatch.setattr(cli_info, "cmd_info", boom)
     rc, _, err = run(capsys, "info", work / "ckpt")
     assert rc == 1 and "Traceback" in err and "kaboom" in err
 
 
-@pytest.mark.parametrize("command", ["convert", "generate", "eval", "visualize", "info", "demo"])
+@pytest.mark.parametrize(
+    "command", ["convert", "generate", "eval", "calibrate", "visualize", "info", "demo"]
+)
 def test_help_has_examples(capsys, command):
     rc, out, _ = run(capsys, command, "--help")
     assert rc == 0 and "examples:" in out and "sparsevlm " + command in out
@@ -489,6 +495,191 @@ def test_subprocess_input_error_exit_code(work):
     assert proc.stderr.strip().splitlines() == [
         f"sparsevlm: error: {work / 'junk-does-not-exist'}: no such model directory"
     ]
+
+
+# ----------------------------------------------------------------------------------------------
+# Capacity policy: defaults, calibrated capacities, `sparsevlm calibrate`
+
+
+def sparse_for(model_dir: Path, cfg, *extra: str):
+    """(SparseConfig, notes) that generate's options ask for on a model directory."""
+    args = cli.build_parser().parse_args(
+        ["generate", "--model", str(model_dir), "--image", "x.png", "--prompt", PROMPT, *extra]
+    )
+    notes: list[str] = []
+    return cli.sparse_from_args(args, cfg, model_dir, notes.append), notes
+
+
+def mini_cfg():
+    """576 visual tokens and 32 layers: v1's named budgets and default layers 2,6,15,19."""
+    from sparsevlm_jax.presets import mini
+
+    return mini()
+
+
+def write_calibration(d: Path, layers=(2, 6, 15, 19), budget: int = 64) -> None:
+    from sparsevlm_jax.calibrated import write_sparse_defaults
+    from sparsevlm_jax.sparse.config import SparseConfig
+
+    sparse = SparseConfig.v1(budget, 32, layers).replace(
+        capacity="static", capacities=(70, 50, 40, 30), recycled_capacities=(9, 2, 1, 1)
+    )
+    write_sparse_defaults(d, {budget: sparse}, 100.0, "test")
+
+
+def test_v1_defaults_to_bucketed_without_calibration(tmp_path, work):
+    for extra in (["--sparse", "v1", "--budget", "64"], ["--scale", "2"]):
+        sparse, notes = sparse_for(tmp_path, mini_cfg(), *extra)
+        assert (sparse.capacity, sparse.capacities, notes) == ("bucketed", (), []), extra
+    assert parse_sparse(work, "--layers", "1,2", "--scale", "1").capacity == "bucketed"
+
+
+def test_fixed_schedules_keep_their_static_capacities(tmp_path):
+    from sparsevlm_jax.sparse.config import named_sparse_config
+
+    write_calibration(tmp_path)  # only v1's capacities are calibrated
+    for method in ("v1_5", "v2_0", "random", "fastv"):
+        sparse, _ = sparse_for(tmp_path, mini_cfg(), "--sparse", method, "--budget", "64")
+        preset = named_sparse_config(method, 64, 32, 576)
+        assert sparse.capacity == "static" and sparse.capacities == preset.capacities, method
+        assert sparse_for(tmp_path, mini_cfg(), "--sparse", method, "--budget", "64",
+                          "--capacity", "static")[0] == sparse  # fmt: skip
+
+
+def test_v1_takes_calibrated_capacities(tmp_path):
+    write_calibration(tmp_path)
+    cfg = mini_cfg()
+    for extra in ([], ["--capacity", "static"], ["--layers", "2,6,15,19"]):
+        sparse, notes = sparse_for(tmp_path, cfg, "--sparse", "v1", "--budget", "64", *extra)
+        assert sparse.capacity == "static" and notes == [], extra
+        assert sparse.capacities == (70, 50, 40, 30)
+        assert sparse.recycled_capacities == (9, 2, 1, 1)
+    assert sparse_for(tmp_path, cfg, "--sparse", "v1", "--budget", "192")[0].capacity == "bucketed"
+    for policy in ("exact", "bucketed"):
+        sparse, _ = sparse_for(tmp_path, cfg, "--budget", "64", "--capacity", policy)
+        assert (sparse.capacity, sparse.capacities) == (policy, ())
+
+
+def test_calibration_for_other_layers_is_not_applied(tmp_path):
+    """Default: bucketed plus a note; asked for explicitly: an error; matching layers: used."""
+    from sparsevlm_jax.errors import InputError
+
+    write_calibration(tmp_path, layers=(1, 3, 5, 7))
+    cfg = mini_cfg()
+    sparse, notes = sparse_for(tmp_path, cfg, "--sparse", "v1", "--budget", "64")
+    assert sparse.capacity == "bucketed" and len(notes) == 1
+    assert "calibrated for pruning layers 1,3,5,7, not 2,6,15,19" in notes[0]
+    assert "sparse_defaults.json" in notes[0] and "bucketed" in notes[0]
+    with pytest.raises(InputError, match="calibrated for pruning layers 1,3,5,7"):
+        sparse_for(tmp_path, cfg, "--budget", "64", "--capacity", "static")
+    sparse, notes = sparse_for(tmp_path, cfg, "--budget", "64", "--layers", "1,3,5,7")
+    assert sparse.capacity == "static" and notes == []
+
+
+def test_calibration_mismatch_through_the_command(tmp_path, capsys):
+    """`--capacity static` with calibrated capacities for other layers: exit 2, one line."""
+    (tmp_path / "params").mkdir()
+    (tmp_path / "config.json").write_text(mini_cfg().to_json())
+    write_calibration(tmp_path, layers=(1, 3, 5, 7))
+    rc, out, err = run(capsys, "generate", "--model", tmp_path, "--image", "x.png", "--prompt",
+                       PROMPT, "--budget", "64", "--capacity", "static")  # fmt: skip
+    assert_input_error(rc, out, err, "sparse_defaults.json", "pruning layers 1,3,5,7")
+
+
+def test_malformed_calibration_file(tmp_path):
+    from sparsevlm_jax.errors import InputError
+
+    (tmp_path / "sparse_defaults.json").write_text('{"64": {"layers": [2, 6]')
+    with pytest.raises(InputError, match="sparse_defaults.json: unreadable"):
+        sparse_for(tmp_path, mini_cfg(), "--budget", "64")
+    (tmp_path / "sparse_defaults.json").write_text('{"64": {"layers": [2], "capacities": [0]}}')
+    with pytest.raises(InputError, match="'capacities' must be a list of integers >= 1"):
+        sparse_for(tmp_path, mini_cfg(), "--budget", "64")
+
+
+def test_stats_name_the_capacity_policy():
+    from sparsevlm_jax.cli.report import format_stats
+    from sparsevlm_jax.eval import stats_to_json
+    from sparsevlm_jax.sparse.config import SparseConfig
+
+    sparse = SparseConfig(method="v1", layers=(1, 2), scale=1.0, capacity="bucketed")
+    layers = [
+        {"layer": 1, "rank": 2, "budget": 2, "kept": [0, 3], "recycled": 1, "overflow": 0},
+        {"layer": 2, "rank": 1, "budget": 1, "kept": [0], "recycled": 1, "overflow": 0},
+    ]
+    stats = {"layers": layers, "visual_counts": [16, 3, 2, 2], "equivalent_tokens": 5.0,
+             "flops": 1.0, "dense_flops": 2.0, "kv_cache_bytes": 1, "dense_kv_cache_bytes": 2,
+             "prefill_seconds": 0.1, "decode_seconds": 0.1}  # fmt: skip
+    assert stats_to_json(stats, sparse, NUM_VISUAL)["capacity"]["policy"] == "bucketed"
+    ran = {"policy": "bucketed", "capacities": [4, 2], "recycled_capacities": [2, 1]}
+    text = format_stats({**stats, "capacity": ran}, sparse, mini_cfg(), 4)
+    assert (
+        "capacity:      bucketed, capacities 4,2 (per pruning layer), recycled capacities 2,1"
+        in text
+    )
+
+
+def test_generate_default_policy_is_named_in_the_statistics(work, capsys):
+    sparse = ["--sparse", "v1", "--layers", "1,2", "--scale", "1", "--bias", "0"]
+    rc, out, err = run(capsys, *gen_args(work, *sparse, "--json"))
+    assert rc == 0, err
+    obj = json.loads(out)
+    assert obj["sparse"]["capacity"] == "bucketed"
+    assert obj["stats"]["capacity"]["policy"] == "bucketed"
+
+
+@pytest.fixture(scope="module")
+def demo_copy(tmp_path_factory) -> Path:
+    """A copy of the bundled model (256 visual tokens, 8 layers) without its calibration."""
+    from sparsevlm_jax.shapes_task import demo_model_path
+
+    d = tmp_path_factory.mktemp("calibrate") / "model"
+    shutil.copytree(demo_model_path(), d, ignore=shutil.ignore_patterns("sparse_defaults.json"))
+    return d
+
+
+def test_calibrate_writes_sparse_defaults(demo_copy, capsys, tmp_path):
+    from sparsevlm_jax.checkpoint import load_config
+    from sparsevlm_jax.shapes_task import write_test
+
+    questions = write_test(tmp_path / "q", num_images=2, size=224)
+    rc, out, err = run(capsys, "calibrate", demo_copy, "--questions", questions, "--image-folder",
+                       tmp_path / "q" / "images", "--budgets", "64", "--examples", "3",
+                       "--batch-size", "2", "--quiet")  # fmt: skip
+    assert rc == 0, err
+    d = json.loads((demo_copy / "sparse_defaults.json").read_text())
+    assert d["method"] == "v1" and d["percentile"] == 100.0 and "3 questions" in d["calibration"]
+    assert set(d) == {"method", "percentile", "calibration", "64"}
+    entry = d["64"]
+    cfg = load_config(demo_copy)
+    layers = cli_sparsity.default_layers(cfg.text.num_hidden_layers)
+    assert tuple(entry["layers"]) == layers
+    assert all(1 <= c <= cfg.num_image_tokens for c in entry["capacities"])
+    assert len(entry["capacities"]) == len(entry["recycled_capacities"]) == len(layers)
+    assert not [p.name for p in demo_copy.iterdir() if p.name.startswith(".")]  # no temp file
+    caps = ",".join(map(str, entry["capacities"]))
+    assert f"v1@64: layers {','.join(map(str, layers))}, capacities {caps}" in out
+    assert f"wrote {demo_copy / 'sparse_defaults.json'}" in out
+    sparse, notes = sparse_for(demo_copy, cfg, "--sparse", "v1", "--budget", "64")
+    assert (sparse.capacity, list(sparse.capacities), notes) == ("static", entry["capacities"], [])
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--budgets", "64", "--layers", "1,2"], "not below the model's 16"),
+        (["--budgets", "100", "--layers", "1,2"], "no v1 budget named 100"),
+        (["--examples", "0"], "--examples must be >= 1"),
+        (["--percentile", "101"], "--percentile must be in [0, 100]"),
+    ],
+)
+def test_calibrate_bad_input(work, capsys, extra, needle):
+    questions = work / "qcal.jsonl"
+    write_questions(questions, 2)
+    rc, out, err = run(capsys, "calibrate", work / "ckpt", "--questions", questions,
+                       "--image-folder", work, *extra)  # fmt: skip
+    assert_input_error(rc, out, err, needle)
+    assert not (work / "ckpt" / "sparse_defaults.json").exists()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -18,11 +18,12 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from convert import ConversionError, convert_checkpoint, convert_to_numpy, load_model
+from convert import ConversionError, convert_checkpoint, convert_to_numpy
 from convert import llava as convert_llava
 from convert.names import CLIP_PREFIXES, IGNORED, MODEL_PREFIXES, Target, resolve
 from sparsevlm_jax import checkpoint
 from sparsevlm_jax.config import LlavaConfig, VisionConfig
+from sparsevlm_jax.loading import load_model
 from sparsevlm_jax.params import flatten, param_shapes
 
 torch = pytest.importorskip("torch")

@@ -1,0 +1,131 @@
+"""`sparsevlm generate` (one question about one image) and `sparsevlm eval` (a question file).
+
+Both check everything they can before loading weights: options, model directory and config,
+sparsity, prompts (and for eval the questions, images and answers file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from sparsevlm_jax.cli.errors import EXIT_OK
+from sparsevlm_jax.cli.models import (
+    check_prompt,
+    load_pipeline,
+    make_processor,
+    model_config,
+    resolve_model,
+)
+from sparsevlm_jax.cli.options import check_generation_args
+from sparsevlm_jax.cli.report import format_stats, result_json
+from sparsevlm_jax.cli.sparsity import sparse_from_args
+from sparsevlm_jax.config import LlavaConfig
+from sparsevlm_jax.errors import InputError
+from sparsevlm_jax.sparse.config import SparseConfig
+
+
+def prepare(args: argparse.Namespace) -> tuple[Path, LlavaConfig, SparseConfig, Any]:
+    """Model path, config, sparsity and processor for generate / visualize (no weights)."""
+    check_generation_args(args)
+    path = resolve_model(args.model)
+    cfg = model_config(path, args.clip)
+    sparse = sparse_from_args(args, cfg, path)
+    processor = make_processor(args, path, cfg)
+    check_prompt(processor, args.prompt)
+    return path, cfg, sparse, processor
+
+
+def run_one(
+    args: argparse.Namespace, picture: str | None = None
+) -> tuple[Any, Any, Any, SparseConfig, dict[str, Any]]:
+    """Shared by generate and visualize: validates everything, then answers the prompt.
+
+    picture: visualize's output path (checked before any work; needs a sparse method).
+    Returns (pipeline, PIL image, result, sparse config, stats as from `stats_to_json`).
+    """
+    from sparsevlm_jax.eval import stats_to_json
+    from sparsevlm_jax.processing import load_image
+
+    path, cfg, sparse, _ = prepare(args)
+    if picture is not None:
+        from sparsevlm_jax.eval import check_writable
+        from sparsevlm_jax.visualize import image_format
+
+        if not sparse.enabled:
+            raise InputError("visualize needs a sparse method (e.g. --sparse v1 --budget 192)")
+        check_writable(picture, "picture")
+        image_format(picture)
+    image = load_image(args.image)
+    pipe = load_pipeline(args, path, cfg)
+    result = pipe.generate(
+        [image],
+        [args.prompt],
+        sparse=sparse,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        batch_size=1,
+    )[0]
+    return pipe, image, result, sparse, stats_to_json(result.stats, sparse, cfg.num_image_tokens)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Prints the answer, then `--stats` or instead one `--json` object."""
+    pipe, _, result, sparse, stats = run_one(args)
+    if args.json:
+        print(json.dumps(result_json(result, sparse, pipe.cfg)))
+        return EXIT_OK
+    print(result.text)
+    if args.stats:
+        print()
+        print(format_stats(stats, sparse, pipe.cfg, args.max_new_tokens))
+    return EXIT_OK
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Answers a LLaVA question file into an answers file (resumable); prints a summary."""
+    from sparsevlm_jax import eval as ev
+
+    check_generation_args(args)
+    if args.limit is not None and args.limit < 1:
+        raise InputError(f"--limit must be >= 1, got {args.limit}")
+    ev.check_writable(args.answers)
+    questions = ev.read_questions(args.questions)
+    ev.check_images(questions, args.image_folder)
+    path = resolve_model(args.model)
+    cfg = model_config(path, args.clip)
+    sparse = sparse_from_args(args, cfg, path)
+    processor = make_processor(args, path, cfg)
+    if not 1 <= args.batch_size <= max(processor.buckets.batch):
+        raise InputError(
+            f"--batch-size must be in 1..{max(processor.buckets.batch)}, got {args.batch_size}"
+        )
+    ev.check_prompts(questions, processor)
+    ev.answered_ids(args.answers)  # an unreadable answers file fails before loading weights
+    pipe = load_pipeline(args, path, cfg)
+    summary = ev.run_eval(
+        pipe,
+        questions,
+        args.image_folder,
+        args.answers,
+        sparse,
+        model_id=args.model_id or path.resolve().name,
+        batch_size=args.batch_size,
+        limit=args.limit,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    print(
+        f"{args.answers}: {summary.written} answers written, {summary.already} already there "
+        f"({summary.selected} questions)"
+    )
+    if summary.accuracy is not None:
+        print("\n".join(summary.accuracy.summary()))
+    return EXIT_OK

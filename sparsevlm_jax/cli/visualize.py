@@ -1,0 +1,22 @@
+"""`sparsevlm visualize`: a PNG of the patches kept at each pruning layer for one question."""
+
+from __future__ import annotations
+
+import argparse
+
+from sparsevlm_jax.cli.errors import EXIT_OK
+from sparsevlm_jax.cli.generate import run_one
+
+
+def cmd_visualize(args: argparse.Namespace) -> int:
+    """Answers the prompt, then writes the kept-patch picture (atomically) and says so."""
+    from sparsevlm_jax.visualize import kept_picture, save_atomic
+
+    pipe, image, result, _, stats = run_one(args, picture=args.out)
+    picture = kept_picture(image, pipe.processor, pipe.cfg, stats["layers"])
+    save_atomic(picture, args.out)
+    print(result.text)
+    for x in stats["layers"]:
+        print(f"layer {x['layer']}: {len(x['kept'])} kept + {x['recycled']} recycled")
+    print(f"wrote {args.out} ({picture.width}x{picture.height}, {len(stats['layers']) + 1} panels)")
+    return EXIT_OK
