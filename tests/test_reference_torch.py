@@ -1,4 +1,4 @@
-"""Tests of the PyTorch reference implementation of SPEC.md (sparsevlm_jax/reference_torch.py).
+"""Tests of the PyTorch reference implementation of SPEC.md (sparsevlm_jax/reference/).
 
 Tiny random LLaVA models are built in-process with transformers' own classes (no hub).
 Everything runs on CPU in float32.
@@ -14,8 +14,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from sparsevlm_jax import reference_torch as ref  # noqa: E402
-from sparsevlm_jax.reference_torch import RefSparseParams  # noqa: E402
+from sparsevlm_jax import reference as ref  # noqa: E402
+from sparsevlm_jax.reference import RefSparseParams  # noqa: E402
 
 IMAGE_TOKEN = 63
 VOCAB = 64

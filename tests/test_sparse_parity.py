@@ -22,7 +22,7 @@ from sparsevlm_jax.generate import compile_counts, decode_jit, prefill_jit
 from sparsevlm_jax.sparse.config import SparseConfig
 
 torch = pytest.importorskip("torch")
-ref = pytest.importorskip("sparsevlm_jax.reference_torch")
+ref = pytest.importorskip("sparsevlm_jax.reference")
 
 LAYERS = (2, 6, 15, 19)
 IMAGE = 112  # 8x8 patches = 64 visual tokens

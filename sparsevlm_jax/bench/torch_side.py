@@ -201,7 +201,7 @@ class TorchReference:
         self.state: tuple[list, int] | None = None
 
     def _prefill(self) -> Any:
-        from sparsevlm_jax.reference_torch import reference_prefill
+        from sparsevlm_jax.reference import reference_prefill
 
         res = reference_prefill(self.model, self.ids, self.pixels, self.params, track_margins=False)
         _sync(self.device)
@@ -219,7 +219,7 @@ class TorchReference:
         return res
 
     def decode(self) -> None:
-        from sparsevlm_jax.reference_torch import reference_decode_step
+        from sparsevlm_jax.reference import reference_decode_step
 
         caches, tok = self.state
         logits, caches, _ = reference_decode_step(self.model, caches, tok)
@@ -229,7 +229,7 @@ class TorchReference:
 
 def reference_params(sparse: SparseConfig) -> Any:
     """The reference's parameters for a SparseConfig (same method, layers and numbers)."""
-    from sparsevlm_jax.reference_torch import RefSparseParams
+    from sparsevlm_jax.reference import RefSparseParams
 
     if not sparse.enabled:
         return RefSparseParams.dense()
@@ -241,7 +241,7 @@ def reference_params(sparse: SparseConfig) -> Any:
 def matched_reference_params(sparse: SparseConfig, num_kept: Sequence[int]) -> Any:
     """A fixed-schedule reference run that keeps what the JAX static run kept at each layer
     (same recycling and compaction: the same work without the rank decision)."""
-    from sparsevlm_jax.reference_torch import RefSparseParams
+    from sparsevlm_jax.reference import RefSparseParams
 
     return RefSparseParams(
         method="v1_5", layers=sparse.layers, schedule=tuple(int(k) for k in num_kept)

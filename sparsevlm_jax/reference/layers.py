@@ -1,0 +1,137 @@
+"""The decoder written out on transformers' LLaVA modules: input embeddings with the image
+features spliced in, and pre-norm Llama layers whose self-attention is computed here (eager,
+float32 softmax), because pruning layers need the attention probabilities and every layer
+keeps a KV cache of its own length.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from sparsevlm_jax.reference.common import import_torch
+
+if TYPE_CHECKING:
+    import torch
+
+
+def attention(
+    attn: Any,
+    rotary_emb: Any,
+    x: torch.Tensor,
+    positions: torch.Tensor,
+    past: tuple[torch.Tensor, torch.Tensor] | None,
+    causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Self-attention of one Llama layer (eager, float32 softmax, GQA via repeat_kv).
+
+    Args:
+      attn: the layer's `self_attn` module. x: [1, q, D] normed input.
+      positions: int64 [q] positions of the new tokens. past: cached (k, v) or None.
+      causal: mask future keys (prefill); decoding attends to every cached key.
+    Returns:
+      (output [1, q, D], probabilities float32 [1, H, q, kv_len], new cache (k, v) each
+      [1, Hkv, kv_len, head_dim]).
+    """
+    torch = import_torch()
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+    _, q_len, _ = x.shape
+    hd = attn.head_dim
+    q = attn.q_proj(x).view(1, q_len, -1, hd).transpose(1, 2)  # [1, H, q, hd]
+    k = attn.k_proj(x).view(1, q_len, -1, hd).transpose(1, 2)  # [1, Hkv, q, hd]
+    v = attn.v_proj(x).view(1, q_len, -1, hd).transpose(1, 2)  # [1, Hkv, q, hd]
+    cos, sin = rotary_emb(v, positions[None, :])
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    if past is not None:
+        k = torch.cat([past[0], k], dim=2)
+        v = torch.cat([past[1], v], dim=2)
+    kr = repeat_kv(k, attn.num_key_value_groups)  # [1, H, kv, hd]
+    vr = repeat_kv(v, attn.num_key_value_groups)
+    logits = (q @ kr.transpose(2, 3)) * attn.scaling  # [1, H, q, kv]
+    if causal:
+        kv_len = kr.shape[2]
+        future = torch.ones(q_len, kv_len, dtype=torch.bool, device=x.device).triu(
+            kv_len - q_len + 1
+        )
+        logits = logits.masked_fill(future, float("-inf"))
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # [1, H, q, kv]
+    out = (probs.to(vr.dtype) @ vr).transpose(1, 2).reshape(1, q_len, -1)  # [1, q, H*hd]
+    return attn.o_proj(out), probs, (k, v)
+
+
+def decoder_layer(
+    layer: Any,
+    rotary_emb: Any,
+    h: torch.Tensor,
+    positions: torch.Tensor,
+    past: tuple[torch.Tensor, torch.Tensor] | None = None,
+    causal: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """One pre-norm Llama decoder layer on hidden states h [1, q, D].
+
+    Returns (output [1, q, D], attention probabilities [1, H, q, kv], cache (k, v))."""
+    a, probs, kv = attention(
+        layer.self_attn, rotary_emb, layer.input_layernorm(h), positions, past, causal
+    )
+    h = h + a
+    h = h + layer.mlp(layer.post_attention_layernorm(h))
+    return h, probs, kv
+
+
+def language_model(model: Any) -> Any:
+    return model.model.language_model
+
+
+def _image_token_id(model: Any) -> int:
+    cfg = model.config
+    for name in ("image_token_id", "image_token_index"):
+        value = getattr(cfg, name, None)
+        if value is not None:
+            return int(value)
+    raise ValueError("the model config has no image_token_id / image_token_index")
+
+
+def input_embeddings(
+    model: Any, input_ids: torch.Tensor, pixel_values: torch.Tensor
+) -> tuple[torch.Tensor, int, int]:
+    """Token embeddings with the projected image features spliced in (llava-hf style).
+
+    Args:
+      input_ids: int64 [1, N] with the image token id repeated V0 times, contiguously.
+      pixel_values: [1, 3, H, W].
+    Returns:
+      (E [1, N, D] in the model dtype, p, V0).
+    """
+    torch = import_torch()
+    if input_ids.ndim != 2 or input_ids.shape[0] != 1:
+        raise ValueError(
+            f"the reference runs batch 1: input_ids must be [1, N], got {tuple(input_ids.shape)}"
+        )
+    image_id = _image_token_id(model)
+    where = torch.nonzero(input_ids[0] == image_id).flatten()
+    if where.numel() == 0:
+        raise ValueError("input_ids hold no image token")
+    p, v0 = int(where[0]), int(where.numel())
+    if int(where[-1]) != p + v0 - 1:
+        raise ValueError("image tokens must be contiguous")
+    lm = language_model(model)
+    embeds = lm.embed_tokens(input_ids)  # [1, N, D]
+    features = _image_features(model, pixel_values).to(embeds.dtype)  # [V0, D]
+    if features.shape[0] != v0:
+        raise ValueError(f"{v0} image tokens but {features.shape[0]} image features")
+    embeds = embeds.clone()
+    embeds[0, p : p + v0] = features
+    return embeds, p, v0
+
+
+def _image_features(model: Any, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Projected image features [V0, D] from whichever form get_image_features returns."""
+    torch = import_torch()
+    getter = getattr(model.model, "get_image_features", None) or model.get_image_features
+    dtype = next(model.parameters()).dtype
+    out = getter(pixel_values=pixel_values.to(dtype))
+    if hasattr(out, "pooler_output"):
+        out = out.pooler_output
+    if isinstance(out, (list, tuple)):
+        out = torch.cat([f.reshape(-1, f.shape[-1]) for f in out], dim=0)
+    return out.reshape(-1, out.shape[-1])

@@ -1,0 +1,140 @@
+"""One pruning step (SPEC §2-§5): score the visual tokens of a pruning layer's output, keep the
+top k, recycle (v1, v1.5) and compact the sequence to [prefix | kept | recycled | text] with
+its new position ids.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from sparsevlm_jax.reference.common import import_torch, note_margin
+from sparsevlm_jax.reference.params import RefPruneRecord, RefSparseParams
+from sparsevlm_jax.reference.recycle import recycle_pruned
+from sparsevlm_jax.reference.scoring import budget, select_top_k, visual_scores
+
+if TYPE_CHECKING:
+    import torch
+
+
+def prune_step(
+    params: RefSparseParams,
+    index: int,
+    layer_idx: int,
+    rotary_emb: Any,
+    head_dim: int,
+    h_out: torch.Tensor,
+    probs: torch.Tensor,
+    positions: torch.Tensor,
+    p: int,
+    v: int,
+    raters: tuple[int, ...],
+    track_margins: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, RefPruneRecord]:
+    """Score, select, recycle and compact after pruning layer `layer_idx`.
+
+    Args:
+      index: position of this layer in `params.layers`.
+      h_out: [1, n, D] the layer's output. probs: float32 [1, H, n, n] its attention.
+      positions: [n] the positions the layer ran with. p, v: prefix length, visual count.
+      track_margins: compute the (costly) clustering margins.
+    Returns:
+      (new hidden [1, n', D], new positions [n'], record).
+    """
+    torch = import_torch()
+    margins: dict[str, float] = {}
+    text_start = p + v
+    if v == 0:  # nothing left to prune (possible only after v2.0 / random emptied the image)
+        record = RefPruneRecord(
+            layer=layer_idx,
+            v_in=0,
+            text_start=text_start,
+            scores=probs.new_zeros(0),
+            rank=None,
+            budget=0,
+            pruned=False,
+            kept=(),
+        )
+        return h_out, positions, record
+
+    rows = torch.tensor(raters, device=h_out.device) + text_start  # absolute rater rows
+    scores, rank, heads = visual_scores(
+        params, probs, positions, rows, p, v, rotary_emb, head_dim, margins
+    )
+    k = budget(params, index, rank, v)
+    if k >= v:  # the layer prunes nothing
+        record = RefPruneRecord(
+            layer=layer_idx,
+            v_in=v,
+            text_start=text_start,
+            scores=scores,
+            rank=rank,
+            budget=v,
+            pruned=False,
+            kept=tuple(range(v)),
+            v_out=v,
+            heads=heads,
+            margins=margins,
+        )
+        return h_out, positions, record
+
+    if params.method == "random":
+        kept, pruned = _random_subset(params.seed, layer_idx, v, k, h_out.device)
+    else:
+        kept, pruned, topk_margin = select_top_k(scores, k)
+        note_margin(margins, "topk", topk_margin)
+
+    candidates: tuple[int, ...] = ()
+    centres: tuple[int, ...] = ()
+    assignment: tuple[int, ...] = ()
+    recycled = h_out.new_zeros(0, h_out.shape[-1])
+    if params.recycles:
+        recycled, candidates, centres, assignment = recycle_pruned(
+            h_out[0, p:text_start],
+            scores,
+            pruned,
+            params.density_ties,
+            margins,
+            with_margins=track_margins,
+        )
+
+    # Compaction: [prefix | kept | recycled | text].
+    new_h = torch.cat(
+        [h_out[:, :p], h_out[:, p + kept], recycled[None].to(h_out.dtype), h_out[:, text_start:]],
+        dim=1,
+    )
+    if params.keeps_positions:  # v2.0 (no recycling): kept tokens keep their position ids
+        new_pos = torch.cat([positions[:p], positions[p + kept], positions[text_start:]])
+    else:
+        new_pos = torch.arange(new_h.shape[1], device=positions.device)
+    record = RefPruneRecord(
+        layer=layer_idx,
+        v_in=v,
+        text_start=text_start,
+        scores=scores,
+        rank=rank,
+        budget=k,
+        pruned=True,
+        kept=tuple(int(i) for i in kept),
+        candidates=candidates,
+        centres=centres,
+        assignment=assignment,
+        n_recycled=int(recycled.shape[0]),
+        v_out=k + int(recycled.shape[0]),
+        heads=heads,
+        margins=margins,
+    )
+    return new_h, new_pos, record
+
+
+def _random_subset(
+    seed: int, layer_idx: int, v: int, k: int, device: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The random method's (kept ascending [k], pruned ascending [v-k]), seeded per layer."""
+    import numpy as np
+
+    torch = import_torch()
+    rng = np.random.default_rng([seed, layer_idx])
+    chosen = np.sort(rng.choice(v, size=k, replace=False))
+    kept = torch.as_tensor(chosen, dtype=torch.long, device=device)
+    pruned = torch.as_tensor(np.setdiff1d(np.arange(v), chosen), dtype=torch.long, device=device)
+    return kept, pruned
