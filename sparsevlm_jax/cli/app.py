@@ -146,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--layers",
         metavar="L1,L2,...",
-        help="pruning layers (default 2,6,15,19 scaled to the model's depth)",
+        help="pruning layers, 0-based (default: the authors' 2,6,15,19; scaled only on "
+        "models too shallow for them, SPEC §6)",
     )
     c.add_argument("--batch-size", type=int, default=8, metavar="B", help="(%(default)s)")
     c.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -10,7 +10,7 @@ from sparsevlm_jax.cli.errors import EXIT_OK
 from sparsevlm_jax.cli.models import model_config, resolve_model
 from sparsevlm_jax.cli.report import human_bytes
 from sparsevlm_jax.config import ConfigError, LlavaConfig
-from sparsevlm_jax.sparse.config import V1_LAYERS_32, scale_layers
+from sparsevlm_jax.sparse.config import V1_LAYERS_32, preset_layers
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -45,7 +45,7 @@ def format_info(path: Path, cfg: LlavaConfig, arrays: dict[str, tuple], kind: st
     dtypes = sorted({dt for _, dt in arrays.values()})
     style = "placeholder" if cfg.image_token_index < 0 else "expanded"
     try:
-        layers = ",".join(map(str, scale_layers(V1_LAYERS_32, t.num_hidden_layers)))
+        layers = ",".join(map(str, preset_layers(V1_LAYERS_32, t.num_hidden_layers)))
     except ConfigError:
         layers = "none (too shallow; pass --layers)"
     proj = "bias" if cfg.projector_bias else "no bias"

@@ -81,7 +81,8 @@ def add_sparse_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--layers",
         metavar="L1,L2,...",
-        help="pruning layers, 0-based (default 2,6,15,19 scaled to the model's depth)",
+        help="pruning layers, 0-based (default: the authors' 2,6,15,19 for v1, 2,6,15 for "
+        "v1.5/v2.0, 2 for FastV; scaled only on models too shallow for them, SPEC §6)",
     )
     add_capacity_arg(g)
 

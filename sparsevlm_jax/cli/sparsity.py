@@ -23,7 +23,7 @@ from sparsevlm_jax.sparse.config import (
     V1_LAYERS_32,
     SparseConfig,
     named_sparse_config,
-    scale_layers,
+    preset_layers,
 )
 
 REFERENCE_DEPTH = 32  # LLaVA-1.5-7B's decoder depth, for which the presets are stated
@@ -158,8 +158,9 @@ def check_budget(method: str, budget: int, num_visual: int) -> None:
 
 
 def default_layers(num_layers: int) -> tuple[int, ...]:
-    """SparseVLM's 2,6,15,19 on a model of `num_layers` decoder layers (`config.scale_layers`)."""
+    """SparseVLM v1's pruning layers on a model of `num_layers` decoder layers (SPEC §6:
+    the authors' 2,6,15,19, scaled only when the model is too shallow; `preset_layers`)."""
     try:
-        return scale_layers(V1_LAYERS_32, num_layers)
+        return preset_layers(V1_LAYERS_32, num_layers)
     except ConfigError as e:
         raise ConfigError(f"{e}; pass --layers") from None
