@@ -11,7 +11,6 @@ from sparsevlm_jax.sparse.config import (
     SparseConfig,
     named_sparse_config,
     preset_layers,
-    scale_layers,
     v2_num_heads,
 )
 
@@ -45,12 +44,6 @@ def test_too_shallow_models_raise():
     with pytest.raises(ConfigError, match="too shallow"):
         preset_layers(V1_LAYERS_32, 4)
     SparseConfig.v1(192, num_layers=21).validate_for(21)
-
-
-def test_scale_layers_is_the_same_rule():
-    """The CLI's old name keeps working."""
-    assert scale_layers(V1_LAYERS_32, 40) == (2, 6, 15, 19)
-    assert scale_layers(V1_LAYERS_32, 8) == (0, 2, 4, 5)
 
 
 @pytest.mark.parametrize(

@@ -225,10 +225,6 @@ def preset_layers(layers: tuple[int, ...], num_layers: int, reference: int = 32)
     return tuple(out)
 
 
-# The name callers used while the rule scaled every depth; same function.
-scale_layers = preset_layers
-
-
 def v2_num_heads(num_heads: int, override: int | None = None) -> int:
     """How many heads SparseVLM+ (v2.0) averages on a model with `num_heads` heads (SPEC §6).
 
