@@ -314,3 +314,111 @@ def test_calibrated_static_capacities_reproduce_exact():
     np.testing.assert_array_equal(tokens, exact_tokens)
     # The calibrated buffers are exactly as large as the largest observed counts.
     assert static.capacities == tuple(int(c) for c in exact["num_kept"].max(axis=0))
+
+
+# Decode positions (SPEC §5) and SparseVLM+'s fixed 14 heads (SPEC §6).
+
+
+def run_jax_positions(params, cfg, sparse: SparseConfig, rows: list[int]):
+    """(greedy tokens, next-token position per stage after the prefill [S, n] and after
+    decoding [S, n], decode steps taken)."""
+    batch, n = make_batch(
+        [EXAMPLES[i][0] for i in rows], [EXAMPLES[i][1] for i in rows], pixels()[rows]
+    )
+    logits, cache, _ = prefill_jit(params, batch, cfg, sparse, NEW_TOKENS, True)
+    valid = np.asarray(cache.valid[-1][:, : cache.prefill_len[-1]])
+    after_prefill = np.stack([np.asarray(p)[:n] for p in cache.position])  # before donation
+    last = jnp.stack([logits[j, np.flatnonzero(valid[j])[-1]] for j in range(logits.shape[0])])
+    tokens, _, final = decode_jit(
+        params, cache, last, jax.random.PRNGKey(0), 0.0, 1.0, cfg, NEW_TOKENS, ()
+    )
+    after_decode = np.stack([np.asarray(p)[:n] for p in final.position])
+    return np.asarray(tokens)[:n], after_prefill, after_decode, int(final.step)
+
+
+@pytest.mark.parametrize("method", ["v1", "v1_5", "v2_0"])
+def test_decode_positions_match_reference(method):
+    """The position each decoded token gets at every stage is the reference's: each layer's
+    cache length for v1 / v1.5, N + t at every layer for v2.0 (N = the unpruned prompt
+    length, different per example here)."""
+    _, params, cfg = model_and_params(0)
+    if method == "v1":
+        sparse, preset = v1("128"), "128"
+    else:
+        sparse, preset = METHODS[method][0].with_static_shape(SCHEDULE, 64), method
+    rows = [0, 1]
+    tokens, after_prefill, after_decode, steps = run_jax_positions(params, cfg, sparse, rows)
+    starts = [0, *(layer + 1 for layer in sparse.layers)]
+    for j, i in enumerate(rows):
+        toks, r = reference(0, preset, i)
+        assert tokens[j].tolist() == toks
+        assert len(r.decode_positions) == NEW_TOKENS - 1 == steps
+        first = [r.decode_positions[0][start] for start in starts]
+        assert after_prefill[:, j].tolist() == first
+        assert after_decode[:, j].tolist() == [p + steps for p in first]
+        for t, per_layer in enumerate(r.decode_positions):
+            assert per_layer == tuple(r.decode_positions[0][layer] + t for layer in range(24))
+        if method == "v2_0":
+            assert set(r.decode_positions[0]) == {r.prompt_len}
+            assert r.prompt_len == len(EXAMPLES[i][0]) + 64 + len(EXAMPLES[i][1])
+
+
+@functools.cache
+def wide_model_and_params():
+    """The parity model with 16 heads (4 KV heads, head_dim 8): SparseVLM+ keeps 14."""
+    import tempfile
+
+    from convert import load_transformers
+
+    model = tiny_llava(
+        num_layers=24,
+        image_size=IMAGE,
+        hidden=128,
+        heads=16,
+        kv_heads=4,
+        seed=0,
+        qk_std=0.3,
+        embed_std=1.0,
+        projector_std=0.5,
+    )
+    d = save_tiny_llava(model, tempfile.mkdtemp(prefix="parity-wide-") + "/hf")
+    params, cfg = load_transformers(d, dtype="float32")
+    return model, params, cfg
+
+
+@functools.cache
+def wide_reference(i: int, v2_heads: int | None = None):
+    model, _, cfg = wide_model_and_params()
+    prefix, text = EXAMPLES[i]
+    ids = torch.tensor([prefix + [IMAGE_TOKEN] * cfg.num_image_tokens + text])
+    pix = torch.tensor(pixels()[i : i + 1]).permute(0, 3, 1, 2)
+    params = ref.RefSparseParams(
+        method="v2_0", layers=FIXED_LAYERS, schedule=SCHEDULE, v2_heads=v2_heads
+    )
+    return ref.reference_generate(model, ids, pix, params, max_new_tokens=NEW_TOKENS)
+
+
+def test_v2_0_on_16_heads_matches_reference():
+    """SparseVLM+ averages exactly 14 of 16 heads (SPEC §6): kept indices, logits, greedy
+    tokens and decode positions (N + t) equal the reference's, batched."""
+    _, params, cfg = wide_model_and_params()
+    assert cfg.text.num_attention_heads == 16
+    sparse = SparseConfig(method="v2_0", layers=FIXED_LAYERS, schedule=SCHEDULE)
+    sparse = sparse.with_static_shape(SCHEDULE, cfg.num_image_tokens)
+    rows = list(range(len(EXAMPLES)))
+    logits, tokens, stats = run_jax(params, cfg, sparse, rows)
+    _, _, after_decode, steps = run_jax_positions(params, cfg, sparse, rows)
+    for j in rows:
+        toks, r = wide_reference(j)
+        assert_clear_decisions(r)
+        assert [len(rec.heads) for rec in r.prunes] == [14, 14, 14]
+        assert all(rec.pruned for rec in r.prunes)
+        assert_same_decisions(stats, j, r)
+        np.testing.assert_allclose(logits[j], r.logits.numpy(), atol=1e-4, rtol=0)
+        assert tokens[j].tolist() == toks
+        assert r.decode_positions == [(r.prompt_len + t,) * 24 for t in range(NEW_TOKENS - 1)]
+        assert set(after_decode[:, j].tolist()) == {r.prompt_len + steps}
+    # The head count matters here: the old rule's round(14/32 * 16) = 7 heads decide otherwise.
+    _, seven = wide_reference(0, v2_heads=7)
+    _, r = wide_reference(0)
+    assert [rec.kept for rec in seven.prunes] != [rec.kept for rec in r.prunes]
