@@ -4,8 +4,8 @@ Task version 2. An image is a square of grey noise (values 60-120) split into a 
 cells; 3-6 cells hold one solid shape each (circle, square, triangle, cross) in one of six
 colours (+-15 jitter per channel). Each object lies inside ONE 14-px patch of its cell (the
 patch uniform among the cell's 16, the side uniform in 9-13 px, the offset uniform inside the
-patch), so every object is exactly one of the 256 visual tokens. Questions are lower case, words separated by spaces,
-with a one-word answer:
+patch), so every object is exactly one of the 256 visual tokens. Questions are lower case,
+words separated by spaces, with a one-word answer:
 
     what color is the <shape> ?        -> colour   (exactly one such shape in the image)
     what shape is the <color> object ? -> shape    (exactly one object of that colour)
@@ -17,7 +17,7 @@ questions on every machine, so the test set is regenerated on demand (`write-tes
 than stored. The prompt is the project's LLaVA template (`vicuna_v1`), exactly as for real
 checkpoints; `build_tokenizer` makes the word-level tokenizer the demo model uses.
 
-    python -m sparsevlm_jax.shapes_task write-test DIR [--images 544]
+    python -m sparsevlm_jax.shapes_task write-test [DIR]       # shapes-v2-test/: 544 images
     python -m sparsevlm_jax.shapes_task evaluate MODEL DIR [--sparse v1 --budget 64]
 """
 
@@ -310,17 +310,49 @@ def demo_model_path() -> Path:
 # ----------------------------------------------------------------------------------------------
 # Test set
 
+TASK_NAME = f"shapes-{TASK_VERSION}"  # what test-set records and READMEs call this task
+TEST_IMAGES = 544  # test images of the standard test set: 2078 questions (>= 2000)
+DEFAULT_TEST_DIR = f"{TASK_NAME}-test"  # write-test's default output directory
 
-def test_examples(num_images: int = 544, size: int = DEFAULT_IMAGE_SIZE) -> list[Example]:
+
+def test_examples(num_images: int = TEST_IMAGES, size: int = DEFAULT_IMAGE_SIZE) -> list[Example]:
     """The test split: one question of each type per image (where the scene allows it)."""
     return [example("test", i, size) for i in range(num_images)]
 
 
-def write_test(out: str | Path, num_images: int = 544, size: int = DEFAULT_IMAGE_SIZE) -> Path:
-    """Writes `out/images/NNNNN.png` and `out/questions.jsonl` (LLaVA question format).
+def question_id(image_index: int, question_index: int) -> str:
+    """The id of question j of test image i in written test sets, e.g. "00017-2"."""
+    return f"{image_index:05d}-{question_index}"
 
-    Each line: question_id, image (relative to `out/images`), text, category, answer.
-    Returns the JSONL path.
+
+def readme_text(out: str | Path, num_images: int, num_questions: int, size: int) -> str:
+    """The README.md written into test set `out`: task version, contents, how to evaluate."""
+    return (
+        f"# Test set of the shapes task, version {TASK_VERSION} ({TASK_NAME})\n\n"
+        f"{num_questions} questions about {num_images} images ({size} px): test images "
+        f"0..{num_images - 1} of `sparsevlm_jax.shapes_task` (task {TASK_VERSION}: every object "
+        f"inside one {PATCH}-px patch, side {OBJECT_SIDES[0]}-{OBJECT_SIDES[1]} px), written by\n"
+        f"`python -m sparsevlm_jax.shapes_task write-test` (same files on every machine).\n\n"
+        "- `images/NNNNN.png`: the images (lossless).\n"
+        '- `questions.jsonl`: LLaVA question format, one per line: `question_id` ("NNNNN-j"), '
+        f'`image`, `text`, `category`, `answer` (gold) and `task` ("{TASK_NAME}").\n\n'
+        "Evaluate (greedy, exact match, accuracy per category):\n\n"
+        f"    sparsevlm eval --model sparsevlm_jax/demo_model --questions {out}/questions.jsonl "
+        f"\\\n        --image-folder {out}/images --answers answers.jsonl --batch-size 16 "
+        "--max-new-tokens 4\n"
+    )
+
+
+def write_test(
+    out: str | Path = DEFAULT_TEST_DIR,
+    num_images: int = TEST_IMAGES,
+    size: int = DEFAULT_IMAGE_SIZE,
+) -> Path:
+    """Writes `out/images/NNNNN.png`, `out/questions.jsonl` (LLaVA question format) and
+    `out/README.md` (the task version and how to evaluate).
+
+    Each JSONL line: question_id ("NNNNN-j"), image (relative to `out/images`), text,
+    category, answer, task (`TASK_NAME`, e.g. "shapes-v2"). Returns the JSONL path.
     """
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -331,16 +363,36 @@ def write_test(out: str | Path, num_images: int = 544, size: int = DEFAULT_IMAGE
         for j, q in enumerate(ex.questions):
             lines.append(
                 {
-                    "question_id": f"{i:05d}-{j}",
+                    "question_id": question_id(i, j),
                     "image": name,
                     "text": q.text,
                     "category": q.category,
                     "answer": q.answer,
+                    "task": TASK_NAME,
                 }
             )
     path = out / "questions.jsonl"
     path.write_text("".join(json.dumps(d) + "\n" for d in lines))
+    (out / "README.md").write_text(readme_text(out, num_images, len(lines), size))
     return path
+
+
+def read_test(test_dir: str | Path) -> list[dict[str, Any]]:
+    """The rows of a written test set's questions.jsonl.
+
+    Raises:
+      ValueError: the set was written for another task version (or before versions were
+        recorded), so its gold answers do not describe this version's images.
+    """
+    path = Path(test_dir) / "questions.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    tasks = {r.get("task", "shapes-v1 (unversioned)") for r in rows}
+    if tasks != {TASK_NAME}:
+        raise ValueError(
+            f"{path}: written for {', '.join(sorted(tasks))}, not {TASK_NAME}: rewrite it with "
+            "`python -m sparsevlm_jax.shapes_task write-test`"
+        )
+    return rows
 
 
 def score(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -361,14 +413,18 @@ def evaluate(
     batch_size: int = 16,
     limit: int | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Runs `LlavaPipeline.generate` on a written test set; (scores, rows with predictions)."""
+    """Runs `LlavaPipeline.generate` on a written test set; (scores, rows with predictions).
+
+    Raises:
+      ValueError: the test set is of another task version (`read_test`).
+    """
     from tqdm import tqdm
 
     from sparsevlm_jax.pipeline import LlavaPipeline
     from sparsevlm_jax.sparse.config import SparseConfig
 
     test_dir = Path(test_dir)
-    rows = [json.loads(line) for line in (test_dir / "questions.jsonl").read_text().splitlines()]
+    rows = read_test(test_dir)
     rows = rows[:limit] if limit else rows
     pipe = LlavaPipeline.from_pretrained(model)
     sparse = sparse or SparseConfig()
@@ -389,12 +445,12 @@ def evaluate(
 
 def calibrate_model(
     model: str | Path, num_examples: int = 64, budgets: tuple[int, ...] = (192, 128, 64)
-) -> dict[str, Any]:
-    """Static v1 capacities per named budget from `num_examples` validation questions.
+) -> dict[int, Any]:
+    """Static v1 configs per named budget from `num_examples` validation questions.
 
-    Runs `sparsevlm_jax.sparse.calibrate.calibrate` (100th percentile) and returns
-    `{"192": {"layers", "capacities", "recycled_capacities"}, ...}` plus how it was made;
-    `write_sparse_defaults` stores it as `sparse_defaults.json` beside the model.
+    Runs `sparsevlm_jax.sparse.calibrate.calibrate` (100th percentile) at the default v1
+    pruning layers; returns {budget: `static` SparseConfig}, which
+    `calibrated.write_sparse_defaults` stores as `sparse_defaults.json` beside the model.
     """
     from sparsevlm_jax.checkpoint import load
     from sparsevlm_jax.sparse.calibrate import calibrate
@@ -413,19 +469,11 @@ def calibrate_model(
         proc([p[0] for p in pairs[lo : lo + 16]], [p[1] for p in pairs[lo : lo + 16]])
         for lo in range(0, len(pairs), 16)
     ]
-    out: dict[str, Any] = {
-        "method": "v1",
-        "percentile": 100.0,
-        "calibration": f"{num_examples} questions of the shapes task's val split",
+    layers = cfg.text.num_hidden_layers
+    return {
+        b: calibrate(params, cfg, SparseConfig.v1(b, layers, capacity="exact"), batches)
+        for b in budgets
     }
-    for b in budgets:
-        sparse = calibrate(params, cfg, SparseConfig.v1(b, cfg.text.num_hidden_layers), batches)
-        out[str(b)] = {
-            "layers": list(sparse.layers),
-            "capacities": list(sparse.capacities),
-            "recycled_capacities": list(sparse.recycled_capacities),
-        }
-    return out
 
 
 def _processor(model: str | Path, cfg: Any) -> Any:
@@ -436,25 +484,49 @@ def _processor(model: str | Path, cfg: Any) -> Any:
 
 
 def write_sparse_defaults(model: str | Path, num_examples: int = 64) -> Path:
-    """Calibrates `model` and writes `sparse_defaults.json` into its directory."""
-    path = Path(model) / "sparse_defaults.json"
-    path.write_text(json.dumps(calibrate_model(model, num_examples), indent=2) + "\n")
-    return path
+    """Calibrates `model` and writes `sparse_defaults.json` into its directory (atomically)."""
+    from sparsevlm_jax import calibrated
+
+    source = f"{num_examples} questions of the {TASK_NAME} task's val split"
+    return calibrated.write_sparse_defaults(
+        model, calibrate_model(model, num_examples), 100.0, source
+    )
+
+
+def sparse_config(model: str | Path, method: str, budget: int | None) -> Any:
+    """The named preset `method`@`budget` for `model` under the default capacity policy
+    (`calibrated.default_capacity`: v1 static with the model's calibrated capacities when
+    they fit, else bucketed); a note on stderr says when calibrated ones do not fit."""
+    from sparsevlm_jax.calibrated import default_capacity
+    from sparsevlm_jax.checkpoint import load_config
+    from sparsevlm_jax.sparse.config import named_sparse_config
+
+    cfg = load_config(model)
+    sparse = named_sparse_config(method, budget, cfg.text.num_hidden_layers, cfg.num_image_tokens)
+    sparse, note = default_capacity(sparse, model)
+    if note is not None:
+        print(f"note: {note}", file=sys.stderr)
+    return sparse
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`write-test DIR`, `evaluate MODEL DIR` and `calibrate MODEL` commands."""
+    """`write-test [DIR]`, `evaluate MODEL DIR` and `calibrate MODEL` commands."""
+    from sparsevlm_jax.sparse.config import METHODS
+
     ap = argparse.ArgumentParser(prog="python -m sparsevlm_jax.shapes_task")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    w = sub.add_parser("write-test", help="write the test images and questions.jsonl")
-    w.add_argument("out")
-    w.add_argument("--images", type=int, default=544)
+    w = sub.add_parser(
+        "write-test", help=f"write the {TASK_NAME} test images, questions.jsonl and README.md"
+    )
+    w.add_argument("out", nargs="?", default=DEFAULT_TEST_DIR, help="(%(default)s)")
+    w.add_argument("--images", type=int, default=TEST_IMAGES, help="(%(default)s)")
     w.add_argument("--size", type=int, default=DEFAULT_IMAGE_SIZE)
     e = sub.add_parser("evaluate", help="dense / sparse accuracy of a model on a test dir")
     e.add_argument("model")
     e.add_argument("test_dir")
-    e.add_argument("--sparse", choices=("dense", "v1"), default="dense")
-    e.add_argument("--budget", type=int, default=None)
+    e.add_argument("--sparse", choices=METHODS, default="dense")
+    e.add_argument("--budget", type=int, default=None, help="named budget, e.g. 64")
+    e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--limit", type=int, default=None)
     e.add_argument("--answers", default=None, help="write predictions JSONL here")
     c = sub.add_parser("calibrate", help="write MODEL/sparse_defaults.json (v1 capacities)")
@@ -467,14 +539,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "write-test":
         path = write_test(args.out, args.images, args.size)
         n = len(path.read_text().splitlines())
-        print(f"wrote {n} questions about {args.images} images to {path}")
+        print(f"wrote {n} {TASK_NAME} questions about {args.images} images to {path}")
         return 0
-    from sparsevlm_jax.checkpoint import load_config
-    from sparsevlm_jax.sparse.config import named_sparse_config
-
-    cfg = load_config(args.model)
-    sparse = named_sparse_config(args.sparse, args.budget, cfg.text.num_hidden_layers)
-    scores, rows = evaluate(args.model, args.test_dir, sparse, limit=args.limit)
+    sparse = sparse_config(args.model, args.sparse, args.budget)
+    scores, rows = evaluate(args.model, args.test_dir, sparse, args.batch_size, args.limit)
     if args.answers:
         Path(args.answers).write_text("".join(json.dumps(r) + "\n" for r in rows))
     print(json.dumps(scores, indent=2))

@@ -635,43 +635,96 @@ def export_model(
 
 
 def draw_curve(records: list[dict[str, Any]], path: Path) -> None:
-    """A PIL line chart: training loss (left panel) and validation accuracy per type (right)."""
-    from PIL import Image, ImageDraw
+    """The learning curves as a PNG drawn with matplotlib (the `plots` extra), written
+    atomically.
 
-    w, h, pad = 900, 360, 40
-    img = Image.new("RGB", (w, h), "white")
-    d = ImageDraw.Draw(img)
-    train = [r for r in records if "loss" in r]
-    val = [r for r in records if "val_overall" in r]
-    max_step = max([r["step"] for r in records] + [1])
-    panels = [(pad, w // 2 - pad // 2), (w // 2 + pad // 2, w - pad)]
+    Left: training losses per step (answer loss of the joint phase, per-patch auxiliary loss
+    of both phases; faint raw values, a 50-step running mean on top). Right: validation
+    accuracy per question type and overall, and the per-patch colour / shape heads' accuracy
+    on object patches (dashed; the vision-only first phase has only these). A dotted line
+    marks where the joint phase starts. Without matplotlib one line on stderr says what to
+    install and training goes on. Self-contained (no `sparsevlm_jax.bench` import), so a
+    plotting problem never stops a training run.
+    """
+    import os
+    import sys
+    import tempfile
 
-    def plot(panel: int, pts: list[tuple[int, float]], lo: float, hi: float, color: str) -> None:
-        x0, x1 = panels[panel]
-        xy = [
-            (x0 + (x1 - x0) * s / max_step, h - pad - (h - 2 * pad) * (v - lo) / (hi - lo or 1))
-            for s, v in pts
-        ]
-        if len(xy) > 1:
-            d.line(xy, fill=color, width=2)
-
-    for x0, x1 in panels:
-        d.rectangle((x0, pad, x1, h - pad), outline="black")
-    if train:
-        hi = max(r["loss"] for r in train)
-        plot(0, [(r["step"], r["loss"]) for r in train], 0.0, hi, "black")
-        d.text(
-            (panels[0][0], 10),
-            f"train answer loss (0..{hi:.2f}) vs step (0..{max_step})",
-            fill="black",
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        print(
+            f"{path}: matplotlib is not installed, so no plot was drawn: "
+            'pip install "sparsevlm-jax[plots]"',
+            file=sys.stderr,
         )
-    colors = {"overall": "black", "color": "red", "shape": "blue", "exists": "green"}
-    colors["count"] = "orange"
-    for name, c in colors.items():
-        plot(1, [(r["step"], r[f"val_{name}"]) for r in val], 0.0, 1.0, c)
-    legend = "  ".join(f"{k}={c}" for k, c in colors.items())
-    d.text((panels[1][0], 10), f"val accuracy (0..1): {legend}", fill="black")
-    img.save(path)
+        return
+    fig = Figure(figsize=(12, 4.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    loss_ax, acc_ax = fig.subplots(1, 2)
+    window = 50
+    for i, (key, name) in enumerate((("loss", "answer loss"), ("aux_loss", "per-patch loss"))):
+        steps = np.array([r["step"] for r in records if key in r])
+        values = np.array([r[key] for r in records if key in r])
+        if not len(steps):
+            continue
+        color = f"C{i}"
+        loss_ax.plot(steps, values, color=color, lw=0.8, alpha=0.25)
+        if len(values) >= window:
+            mean = np.convolve(values, np.ones(window) / window, mode="valid")
+            loss_ax.plot(
+                steps[window - 1 :], mean, color=color, lw=1.6, label=f"{name} (mean of {window})"
+            )
+        else:
+            loss_ax.plot([], [], color=color, label=name)
+    for i, cat in enumerate(("overall", *st.CATEGORIES)):
+        pts = [(r["step"], r[f"val_{cat}"]) for r in records if f"val_{cat}" in r]
+        if pts:
+            style = {"color": "0.35", "lw": 2.4} if cat == "overall" else {"color": f"C{i - 1}"}
+            acc_ax.plot(*zip(*pts, strict=True), marker="o", ms=3.5, label=cat, **style)
+    for i, part in enumerate(("color", "shape")):
+        pts = [(r["step"], r[f"val_patch_{part}"]) for r in records if f"val_patch_{part}" in r]
+        if pts:
+            acc_ax.plot(
+                *zip(*pts, strict=True),
+                "--s",
+                color=f"C{5 + i}",
+                ms=3.5,
+                label=f"patch {part} head",
+            )
+    joint = [r["step"] for r in records if "loss" in r]
+    for ax in (loss_ax, acc_ax):
+        if joint and joint[0] > 1:
+            ax.axvline(joint[0] - 1, color="0.35", ls=":", lw=1)
+            ax.annotate(
+                "joint phase",
+                (joint[0] - 1, 1),
+                xycoords=("data", "axes fraction"),
+                xytext=(3, -10),
+                textcoords="offset points",
+                fontsize=8,
+                color="0.35",
+            )
+        ax.set_xlabel("step")
+        ax.set_xlim(left=0)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    loss_ax.set(title="training loss", ylabel="loss")
+    loss_ax.set_ylim(bottom=0)
+    acc_ax.set(title="validation accuracy", ylabel="accuracy", ylim=(0, 1.02))
+    fig.suptitle(path.stem)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png", dpi=110)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def restore_or_init(

@@ -95,3 +95,168 @@ def test_parser_works_as_cli_parent():
     args = top.parse_args(["bench", "--shape", "llava-1.5-7b", "--flops-only", "--json"])
     assert (args.shape, args.flops_only, args.json) == ("llava-1.5-7b", True, True)
     assert args.methods == "" and args.count == "auto"
+
+
+def test_without_matplotlib_plots_fail_with_one_line(monkeypatch, tmp_path, capsys):
+    import sys
+
+    from sparsevlm_jax.bench import plot
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)
+    fig = plot.Figure("t", [plot.Panel("p", "x", "y", [plot.Series("s", [(0, 1), (1, 2)])])])
+    with pytest.raises(plot.PlotUnavailable) as err:
+        plot.render_png(fig)
+    assert 'pip install "sparsevlm-jax[plots]"' in str(err.value)
+    assert "\n" not in str(err.value)
+    written = []
+    assert not plot.write_png_or_say(tmp_path / "a.png", fig, lambda p, b: written.append(p))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert written == [] and len(lines) == 1 and "sparsevlm-jax[plots]" in lines[0]
+
+
+def test_wilson_interval():
+    from sparsevlm_jax.bench.accuracy import wilson
+
+    lo, hi = wilson(5, 10)
+    assert (round(lo, 4), round(hi, 4)) == (0.2366, 0.7634)
+    lo, hi = wilson(0, 10)
+    assert lo == 0 and round(hi, 4) == 0.2775
+    lo, hi = wilson(10, 10)
+    assert round(lo, 4) == 0.7225 and hi == 1.0
+    lo, hi = wilson(1900, 2000)
+    assert lo < 0.95 < hi and hi - lo < 0.02
+    assert wilson(0, 0) == (0.0, 1.0)
+
+
+def test_accuracy_methods_option():
+    from sparsevlm_jax.bench.accuracy import parse_methods
+
+    assert parse_methods("") == named_presets()
+    assert parse_methods("v1") == [p for p in named_presets() if p[0] == "v1"]
+    assert parse_methods("fastv@64,v1_5-96,dense") == [("fastv", 64), ("v1_5", 96)]
+    with pytest.raises(ValueError, match="named presets"):
+        parse_methods("v1@96")
+
+
+class _FakePipe:
+    """`generate` answers "yes" to everything and counts its calls and batch sizes."""
+
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, images, questions, sparse, max_new_tokens, batch_size):
+        from sparsevlm_jax.pipeline import Result
+
+        self.calls.append(len(questions))
+        stats = {"equivalent_tokens": 10.0, "flops": 1.0, "dense_flops": 4.0, "layers": []}
+        return [Result("yes", [], dict(stats)) for _ in questions]
+
+
+def _items(n):
+    from sparsevlm_jax.bench.accuracy import Item
+
+    cats = ("color", "shape", "exists", "count")
+    return [
+        Item(f"{i:05d}-0", 0, "is there a red circle ?", "yes" if i % 2 else "no", cats[i % 4])
+        for i in range(n)
+    ]
+
+
+def test_accuracy_answers_resume_from_progress_file(tmp_path):
+    from sparsevlm_jax.bench.accuracy import Progress, answer_all, summarize
+    from sparsevlm_jax.sparse.config import named_sparse_config
+
+    sparse = named_sparse_config("v1_5", 64, 8, 256)
+    items, header = _items(20), {"model_sha256": "abc", "num_questions": 20}
+    path = tmp_path / "progress.jsonl"
+    pipe = _FakePipe()
+    rows, seconds = answer_all(pipe, sparse, [None], items, Progress(path, header), 8, False)
+    assert pipe.calls == [8, 8, 8]  # the short last batch is padded to the batch size
+    assert [r["ok"] for r in rows] == [i % 2 == 1 for i in range(20)] and len(seconds) == 3
+    # an interrupted run: the last batch line torn half-way -> only that batch is redone
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:30])
+    pipe = _FakePipe()
+    again, _ = answer_all(pipe, sparse, [None], items, Progress(path, header), 8, False)
+    assert pipe.calls == [8] and again == rows
+    # another model (header) or --fresh: everything is redone
+    pipe = _FakePipe()
+    answer_all(
+        pipe, sparse, [None], items, Progress(path, {**header, "model_sha256": "x"}), 8, False
+    )
+    assert pipe.calls == [8, 8, 8]
+    s = summarize(sparse, rows, items, 256, seconds)
+    assert (s["n"], s["correct"], s["method"], s["budget_tokens"]) == (20, 10, "v1_5@64", 28)
+    assert s["flops_reduction"] == 0.75 and s["equivalent_tokens"] == 10.0
+    assert list(s["per_type"]) == ["color", "shape", "exists", "count"]
+    assert s["correct_bits"] == "01" * 10
+
+
+def _result(method, budget, eq, acc, n=400):
+    from sparsevlm_jax.bench.accuracy import config_json, proportion
+    from sparsevlm_jax.sparse.config import SparseConfig, named_sparse_config
+
+    sparse = SparseConfig() if method == "dense" else named_sparse_config(method, budget, 8, 256)
+    k = round(acc * n)
+    return {
+        "method": sparse.name,
+        "family": method,
+        "budget": budget,
+        "config": config_json(sparse),
+        **proportion(k, n),
+        "per_type": {c: proportion(k // 4, n // 4) for c in ("color", "shape", "exists", "count")},
+        "equivalent_tokens": eq,
+        "equivalent_tokens_range": [eq - 1, eq + 1],
+        "flops_ratio": eq / 256,
+        "flops_reduction": 1 - eq / 256,
+        "retention": acc / 0.95,
+    }
+
+
+def test_accuracy_tables_and_plot_from_a_report():
+    from sparsevlm_jax.bench import accuracy
+    from sparsevlm_jax.bench.accuracy import proportion
+
+    results = [_result("dense", None, 256.0, 0.95)]
+    for method in ("v1", "v1_5", "v2_0", "fastv", "random"):
+        for b in (192, 64):
+            results.append(_result(method, b, b / 576 * 256, 0.9 if b == 192 else 0.7))
+    report = {
+        "command": "test",
+        "date": "today",
+        "hardware": "cpu",
+        "model": "m",
+        "model_sha256": "0" * 64,
+        "task": "shapes-v2",
+        "num_image_tokens": 256,
+        "num_layers": 8,
+        "num_images": 100,
+        "num_questions": 400,
+        "batch_size": 16,
+        "answer_prior": {
+            "overall": proportion(140, 400),
+            "per_type": {c: {**proportion(35, 100), "answer": "yes"} for c in ("color", "count")},
+        },
+        "notes": [],
+        "results": results,
+    }
+    md = accuracy.markdown(report)
+    assert "| dense | 95.0 [" in md and "| fastv@64 |" in md
+    table = md.split("## At equal kept counts")[1]
+    assert "| 192 → 85 |" in table and "| 64 → 28 |" in table
+    for label in ("SparseVLM v1 ", "SparseVLM v1.5", "SparseVLM v2.0", "FastV", "random"):
+        assert label in table
+    fig = accuracy.figure(report)
+    (panel,) = fig.panels
+    assert [s.name for s in panel.series][:5] == [
+        "SparseVLM v1",
+        "SparseVLM v1.5",
+        "SparseVLM v2.0",
+        "FastV",
+        "random",
+    ]
+    assert all(s.yerr and len(s.yerr) == len(s.points) for s in panel.series)
+    png = bench.render_png(fig)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,101 +1,40 @@
-"""The shapes task generator and the bundled demo model trained on it."""
+"""The bundled demo model: its files, its prompt, its answers, and the accuracy benchmark on it.
+
+The task generator itself is tested in tests/test_shapes_task.py.
+"""
 
 from __future__ import annotations
 
 import json
 
-import numpy as np
-import pytest
+from PIL import Image
 
 import sparsevlm_jax
 from sparsevlm_jax import shapes_task as st
 from sparsevlm_jax.checkpoint import is_checkpoint, load_config
+from sparsevlm_jax.eval import is_correct
 from sparsevlm_jax.processing import Processor
 
-# (test-split image index, question index) pairs the shipped model answers correctly, two of
-# every question type; gold answers come from the generator. The shipped model is weak (40%
-# dense test accuracy, see benchmarks/train_logs/README.md): its yes/no and counting answers
-# here are its constant answers ("yes", "one"), so these pin behaviour, not competence.
-KNOWN_GOOD: list[tuple[int, int]] = [
-    (1, 0),
-    (2, 0),
-    (15, 1),
-    (131, 1),
-    (0, 1),
-    (2, 2),
-    (2, 3),
-    (5, 3),
-]
+# The first FIXED_QUESTIONS questions of the shapes-v2 test split (test images 0-8, in
+# test-set order), asked dense and greedy. A model that learnt task v2 (>= 90% dense test
+# accuracy, issue 11) answers nearly all of them; the shapes-v1 model bundled before
+# (40% on its own task, at the answer prior) fails this test. Observed on the bundled model:
+# TODO(issue 11): fill in "N of 32" once the v2 model lands.
+FIXED_QUESTIONS = 32
+MIN_CORRECT = 28
 
 
-def test_generator_is_deterministic() -> None:
-    a, b = st.example("test", 7), st.example("test", 7)
-    np.testing.assert_array_equal(a.image, b.image)
-    assert a.objects == b.objects and a.questions == b.questions
-    c = st.example("train", 7)
-    assert not np.array_equal(a.image, c.image)
-
-
-def test_images_follow_the_task() -> None:
-    for i in range(40):
-        ex = st.example("val", i)
-        assert ex.image.shape == (224, 224, 3) and ex.image.dtype == np.uint8
-        assert 3 <= len(ex.objects) <= 6
-        assert len({o.cell for o in ex.objects}) == len(ex.objects)
-        cell = 224 / st.GRID
-        for o in ex.objects:
-            x0, y0, x1, y1 = o.box
-            assert 0.5 * cell <= x1 - x0 + 1 <= 0.86 * cell
-            r, c = divmod(o.cell, st.GRID)
-            assert c * cell - 1 <= x0 and x1 <= (c + 1) * cell
-            assert r * cell - 1 <= y0 and y1 <= (r + 1) * cell
-        corner = ex.image[:3, :3].reshape(-1, 3)
-        if not any(o.cell == 0 and o.box[0] < 3 and o.box[1] < 3 for o in ex.objects):
-            assert ((corner >= 60) & (corner <= 120)).all()
-
-
-def test_questions_are_valid_and_cover_every_type() -> None:
-    seen: dict[str, set[str]] = {c: set() for c in st.CATEGORIES}
-    exists = []
-    for i in range(300):
+def first_test_questions(n: int) -> tuple[list[Image.Image], list[st.Question]]:
+    """The first n questions of the test split and their images (one image per question)."""
+    images, questions = [], []
+    i = 0
+    while len(questions) < n:
         ex = st.example("test", i)
         for q in ex.questions:
-            st.check_question(ex.objects, q)  # raises on a wrong answer / broken rule
-            seen[q.category].add(q.answer)
-            if q.category == "exists":
-                exists.append(q.answer == "yes")
-        for q in ex.questions:
-            if q.category == "color":  # exactly one such shape
-                assert [o.shape for o in ex.objects].count(q.text.split()[4]) == 1
-    assert seen["color"] == set(st.COLOR_NAMES)
-    assert seen["shape"] == set(st.SHAPES)
-    assert seen["exists"] == {"yes", "no"}
-    assert {"zero", "one", "two", "three"} <= seen["count"]
-    assert 0.4 < np.mean(exists) < 0.6
-
-
-def test_check_question_rejects_wrong_answers() -> None:
-    ex = st.example("test", 0)
-    q = ex.questions[0]
-    wrong = st.Question(q.text, "nonsense", q.category)
-    with pytest.raises(ValueError):
-        st.check_question(ex.objects, wrong)
-
-
-def test_write_test_set(tmp_path) -> None:
-    path = st.write_test(tmp_path, num_images=5)
-    rows = [json.loads(x) for x in path.read_text().splitlines()]
-    assert {"question_id", "image", "text", "category", "answer"} <= set(rows[0])
-    assert all((tmp_path / "images" / r["image"]).is_file() for r in rows)
-    assert rows[0]["text"] == st.example("test", 0).questions[0].text
-
-
-def test_tokenizer_prompt_has_one_bos() -> None:
-    tok = st.build_tokenizer()
-    assert (tok.unk_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
-    ids = tok("USER: <image>\nwhat color is the circle ? ASSISTANT:").input_ids
-    assert ids.count(1) == 1 and ids[0] == 1
-    assert 0 not in ids  # every word of the prompt is in the vocabulary
+            images.append(Image.fromarray(ex.image))
+            questions.append(q)
+        i += 1
+    return images[:n], questions[:n]
 
 
 def test_demo_model_is_bundled() -> None:
@@ -115,31 +54,47 @@ def test_demo_model_prompt_layout() -> None:
     assert cfg.text.num_hidden_layers >= 8
 
 
-def test_demo_model_answers_known_questions() -> None:
-    assert KNOWN_GOOD, "KNOWN_GOOD is empty"
+def test_demo_model_answers_fixed_questions_dense() -> None:
+    """Not skipped on a weak model: a model that has not learnt task v2 must fail here.
+    Exact match as `sparsevlm eval` scores it (`eval.is_correct`)."""
     pipe = sparsevlm_jax.load(st.demo_model_path())
-    images, questions, gold = [], [], []
-    for i, j in KNOWN_GOOD:
-        ex = st.example("test", i)
-        images.append(ex.image)
-        questions.append(ex.questions[j].text)
-        gold.append(ex.questions[j].answer)
-    from PIL import Image
-
-    pil = [Image.fromarray(im) for im in images]
-    out = pipe.generate(pil, questions, max_new_tokens=4, batch_size=len(pil))
-    assert [r.text for r in out] == gold
+    images, questions = first_test_questions(FIXED_QUESTIONS)
+    out = pipe.generate(
+        images, [q.text for q in questions], max_new_tokens=4, batch_size=FIXED_QUESTIONS
+    )
+    wrong = [
+        f"{q.text!r} -> {r.text!r} (gold {q.answer!r})"
+        for q, r in zip(questions, out, strict=True)
+        if not is_correct(r.text, q.answer)
+    ]
+    correct = FIXED_QUESTIONS - len(wrong)
+    assert correct >= MIN_CORRECT, (
+        f"the bundled model answers {correct} of the first {FIXED_QUESTIONS} {st.TASK_NAME} "
+        f"test questions correctly, needs {MIN_CORRECT}: it has not learnt task "
+        f"{st.TASK_VERSION} (issue 11). Wrong: " + "; ".join(wrong)
+    )
 
 
 def test_accuracy_benchmark_writes_table_plot_and_json(tmp_path) -> None:
-    import json
-
     from sparsevlm_jax.bench import accuracy
 
-    report = accuracy.run(st.demo_model_path(), 1, tmp_path, "test", presets=[("v1_5", 64)])
-    assert [r["method"] for r in report["results"]] == ["dense", "v1_5@64"]
-    assert report["results"][1]["equivalent_tokens"] < report["results"][0]["equivalent_tokens"]
+    report = accuracy.run(
+        st.demo_model_path(), 1, tmp_path, "test", presets=[("v1_5", 64)], show=False
+    )
+    dense, v15 = report["results"]
+    assert (dense["method"], v15["method"]) == ("dense", "v1_5@64")
+    assert v15["equivalent_tokens"] < dense["equivalent_tokens"] == 256
+    assert 0 < v15["flops_reduction"] < 1 and dense["flops_reduction"] == 0
+    n = report["num_questions"]
+    assert n == len(st.example("test", 0).questions) and report["task"] == "shapes-v2"
+    for r in (dense, v15):
+        assert r["n"] == n and len(r["correct_bits"]) == n
+        assert r["ci"][0] <= r["accuracy"] <= r["ci"][1]
+        assert sum(t["n"] for t in r["per_type"].values()) == n
+    assert dense["retention"] == 1.0 or dense["accuracy"] == 0
     saved = json.loads((tmp_path / "accuracy.json").read_text())
-    assert saved["num_questions"] == report["num_questions"] > 0
+    assert saved["num_questions"] == n
     assert (tmp_path / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
-    assert "| v1_5@64 |" in (tmp_path / "accuracy.md").read_text()
+    md = (tmp_path / "accuracy.md").read_text()
+    assert "| v1_5@64 |" in md and "At equal kept counts" in md
+    assert not (tmp_path / accuracy.PROGRESS_FILE).exists()  # removed once outputs exist

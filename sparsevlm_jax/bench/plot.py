@@ -1,50 +1,101 @@
-"""The PNG plot: prefill latency and FLOPs vs kept visual tokens (matplotlib if installed,
-else drawn with PIL)."""
+"""PNG plots drawn with matplotlib (the `plots` extra), described as data first.
+
+A plot is a `Figure` of `Panel`s of `Series` (plain dataclasses, testable without matplotlib);
+`render_png` draws one with matplotlib's Agg canvas (object API, no pyplot state, no GUI
+backend). `plot_figure` describes the speed benchmark's figure (prefill latency and FLOPs vs
+kept visual tokens); `sparsevlm_jax.bench.accuracy` and `sparsevlm_jax.train.draw_curve` build
+their own. Without matplotlib, drawing raises `PlotUnavailable`, whose one-line message says
+how to install it; callers write their JSON / markdown first and report that line.
+"""
 
 from __future__ import annotations
 
 import io
-import math
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
+PLOTS_INSTALL = 'pip install "sparsevlm-jax[plots]"'
+# Matplotlib's default colour cycle ("tab10"), indexed by Series.color (one per method family).
+COLORS = (
+    "#1f77b4",
+    "#d62728",
+    "#2ca02c",
+    "#9467bd",
+    "#ff7f0e",
+    "#8c564b",
+    "#e377c2",
+    "#17becf",
+)
+NEUTRAL = "#5a5a5a"  # Series.color < 0: style-only legend entries, references
 
-COLORS = [
-    (31, 119, 180),
-    (214, 39, 40),
-    (44, 160, 44),
-    (148, 103, 189),
-    (255, 127, 14),
-    (140, 86, 75),
-    (227, 119, 194),
-    (23, 190, 207),
-]
+
+class PlotUnavailable(ImportError):
+    """matplotlib is not installed; the message is one line naming the extra to install."""
 
 
 @dataclass
 class Series:
-    """A line with points; `color` indexes COLORS (one per method family)."""
+    """A line through `points` (x, y).
+
+    color: index into COLORS (one per method family), < 0 for grey.
+    dashed: dashed line and square markers (else solid with dots).
+    yerr: per point (lower, upper) absolute y bounds, drawn as interval bars; None = none.
+    labels: per point text drawn beside it (e.g. the named budget); empty = none.
+    markers: draw the points (False for long curves).
+    alpha, width: line opacity and width.
+    dodge: drawn x offset (data units), so interval bars of series at equal x stay apart.
+    """
 
     name: str
     points: list[tuple[float, float]]
     color: int = 0
     dashed: bool = False
+    yerr: list[tuple[float, float]] | None = None
+    labels: list[str] = field(default_factory=list)
+    markers: bool = True
+    alpha: float = 1.0
+    width: float = 1.6
+    dodge: float = 0.0
+
+
+@dataclass
+class Reference:
+    """A horizontal grey reference line at `y` (matplotlib line style `style`) with an
+    optional shaded band [lo, hi] (e.g. dense and its interval)."""
+
+    name: str
+    y: float
+    lo: float | None = None
+    hi: float | None = None
+    style: str = ":"
 
 
 @dataclass
 class Panel:
+    """One axes. `ylim` / `xlim`: None = from 0 to matplotlib's automatic top;
+    `vlines`: (x, label) vertical dotted markers (e.g. a training phase change);
+    `legend`: draw this panel's own legend (else only the figure's)."""
+
     title: str
     xlabel: str
     ylabel: str
     series: list[Series]
+    references: list[Reference] = field(default_factory=list)
+    ylim: tuple[float, float] | None = None
+    xlim: tuple[float, float] | None = None
+    vlines: list[tuple[float, str]] = field(default_factory=list)
+    legend: bool = False
 
 
 @dataclass
 class Figure:
+    """Panels side by side; `legend` entries (name, colour, style) go below them."""
+
     title: str
     panels: list[Panel]
-    legend: list[Series]  # entries only (name, color, style)
+    legend: list[Series] = field(default_factory=list)
+    panel_size: tuple[float, float] = (6.0, 4.4)  # inches per panel
 
 
 def _families(results: list[dict[str, Any]]) -> list[str]:
@@ -80,143 +131,158 @@ def plot_figure(report: dict[str, Any], title: str = "") -> Figure:
         legend.append(Series(fam, [], i))
     legend += [
         Series("solid: JAX latency / XLA-counted FLOPs", [], -1),
-        Series("dashed: PyTorch latency / ideal FLOPs (SPEC 8)", [], -1, True),
+        Series("dashed: PyTorch latency / ideal FLOPs (SPEC §8)", [], -1, True),
     ]
-    x = "kept visual tokens (equivalent, SPEC 6)"
+    x = "kept visual tokens (equivalent, SPEC §6)"
     panels = [Panel("prefill FLOPs (decoder)", x, "GFLOPs", flops)]
     if latency:
         panels.insert(0, Panel("prefill latency (median)", x, "ms", latency))
     return Figure(title, panels, legend)
 
 
-def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
-    """About n round tick values covering [lo, hi]."""
-    if hi <= lo:
-        hi = lo + 1.0
-    raw = (hi - lo) / n
-    mag = 10 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
-    start = math.floor(lo / step) * step
-    return [start + i * step for i in range(int(math.ceil((hi - start) / step)) + 1)]
+# ----------------------------------------------------------------------------------------------
+# Drawing (matplotlib, imported lazily)
 
 
-def _fmt_tick(v: float) -> str:
-    return f"{v:.0f}" if abs(v) >= 10 or v == int(v) else f"{v:.2g}"
+def matplotlib_figure(figsize: tuple[float, float]) -> Any:
+    """A new matplotlib `Figure` on an Agg canvas, constrained layout (no pyplot state).
 
-
-def _color(i: int) -> tuple[int, int, int]:
-    return (90, 90, 90) if i < 0 else COLORS[i % len(COLORS)]
-
-
-def _line(draw: Any, a: tuple[float, float], b: tuple[float, float], color: Any, dashed: bool):
-    if not dashed:
-        draw.line([a, b], fill=color, width=2)
-        return
-    n = max(int(math.dist(a, b) // 6), 1)
-    for k in range(0, n, 2):
-        t0, t1 = k / n, min((k + 1) / n, 1.0)
-        p = (a[0] + (b[0] - a[0]) * t0, a[1] + (b[1] - a[1]) * t0)
-        q = (a[0] + (b[0] - a[0]) * t1, a[1] + (b[1] - a[1]) * t1)
-        draw.line([p, q], fill=color, width=2)
-
-
-def draw_panel_pil(draw: Any, box: tuple[int, int, int, int], panel: Panel, font: Any) -> None:
-    """Axes, grid, ticks, labels, lines and points inside box (x0, y0, x1, y1)."""
-    x0, y0, x1, y1 = box
-    left, right, top, bottom = x0 + 80, x1 - 25, y0 + 35, y1 - 55
-    pts = [p for s in panel.series for p in s.points] or [(1.0, 1.0)]
-    xs = nice_ticks(0, max(p[0] for p in pts) * 1.05)
-    ys = nice_ticks(0, max(p[1] for p in pts) * 1.08)
-    xmax, ymax = xs[-1], ys[-1]
-
-    def to_px(x: float, y: float) -> tuple[float, float]:
-        return left + (right - left) * x / xmax, bottom - (bottom - top) * y / ymax
-
-    draw.text(((left + right) / 2, y0 + 14), panel.title, fill="black", font=font, anchor="mm")
-    for v in ys:
-        _, py = to_px(0, v)
-        draw.line([(left, py), (right, py)], fill=(230, 230, 230))
-        draw.text((left - 6, py), _fmt_tick(v), fill="black", font=font, anchor="rm")
-    for v in xs:
-        px, _ = to_px(v, 0)
-        draw.line([(px, bottom), (px, bottom + 5)], fill="black")
-        draw.text((px, bottom + 8), _fmt_tick(v), fill="black", font=font, anchor="mt")
-    draw.line([(left, top), (left, bottom), (right, bottom)], fill="black", width=2)
-    draw.text(((left + right) / 2, bottom + 34), panel.xlabel, fill="black", font=font, anchor="mm")
-    draw.text((x0 + 12, (top + bottom) / 2), panel.ylabel, fill="black", font=font, anchor="lm")
-    for s in panel.series:
-        color, px = _color(s.color), [to_px(*p) for p in s.points]
-        for a, b in zip(px[:-1], px[1:], strict=True):
-            _line(draw, a, b, color, s.dashed)
-        for cx, cy in px:
-            if s.dashed:
-                draw.rectangle([cx - 3, cy - 3, cx + 3, cy + 3], outline=color, width=2)
-            else:
-                draw.ellipse([cx - 4, cy - 4, cx + 4, cy + 4], fill=color)
-
-
-def draw_legend_pil(draw: Any, x: int, y: int, width: int, legend: list[Series], font: Any):
-    """Legend entries left to right, wrapping at `width`."""
-    cx, cy = x, y
-    for s in legend:
-        w = 40 + int(draw.textlength(s.name, font=font)) + 24
-        if cx + w > x + width:
-            cx, cy = x, cy + 20
-        _line(draw, (cx, cy), (cx + 30, cy), _color(s.color), s.dashed)
-        draw.text((cx + 36, cy), s.name, fill="black", font=font, anchor="lm")
-        cx += w
-
-
-def render_png(fig: Figure) -> bytes:
-    """The figure as PNG bytes (matplotlib when installed, else drawn with PIL)."""
+    Raises:
+      PlotUnavailable: matplotlib is not installed.
+    """
     try:
-        return _render_matplotlib(fig)
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure as MplFigure
     except ImportError:
-        pass
-    from PIL import Image, ImageDraw, ImageFont
+        raise PlotUnavailable(
+            f"matplotlib is not installed, so no plot was drawn: {PLOTS_INSTALL}"
+        ) from None
+    fig = MplFigure(figsize=figsize, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
 
-    w, h, legend_h = 600, 430, 70
-    img = Image.new("RGB", (w * len(fig.panels), h + 30 + legend_h), "white")
-    draw = ImageDraw.Draw(img)
-    try:
-        font = ImageFont.load_default(size=13)
-    except TypeError:  # Pillow < 10.1
-        font = ImageFont.load_default()
-    draw.text((img.width / 2, 14), fig.title, fill="black", font=font, anchor="mm")
-    for i, panel in enumerate(fig.panels):
-        draw_panel_pil(draw, (i * w, 30, (i + 1) * w, 30 + h), panel, font)
-    draw_legend_pil(draw, 80, h + 40, img.width - 100, fig.legend, font)
+
+def png_bytes(fig: Any, dpi: int = 110) -> bytes:
+    """The matplotlib figure as PNG bytes."""
     buf = io.BytesIO()
-    img.save(buf, format="PNG")
+    fig.savefig(buf, format="png", dpi=dpi)
     return buf.getvalue()
 
 
-def _render_matplotlib(fig: Figure) -> bytes:
-    import matplotlib
+def color_of(index: int) -> str:
+    """The hex colour of a Series.color index (grey when < 0)."""
+    return NEUTRAL if index < 0 else COLORS[index % len(COLORS)]
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    out, axes = plt.subplots(1, len(fig.panels), figsize=(6 * len(fig.panels), 4.6))
-    for ax, panel in zip(np.atleast_1d(axes), fig.panels, strict=True):
-        for s in panel.series:
-            xs, ys = zip(*s.points, strict=True)
-            color = tuple(c / 255 for c in _color(s.color))
-            ax.plot(xs, ys, "--s" if s.dashed else "-o", color=color, label=s.name, ms=4)
-        ax.set(title=panel.title, xlabel=panel.xlabel, ylabel=panel.ylabel)
-        ax.set_xlim(left=0)
-        ax.set_ylim(bottom=0)
-        ax.grid(alpha=0.3)
-    handles = [
-        plt.Line2D(
-            [], [], color=tuple(c / 255 for c in _color(s.color)), ls="--" if s.dashed else "-"
+def _draw_series(ax: Any, s: Series) -> None:
+    if not s.points:
+        return
+    xs = [p[0] + s.dodge for p in s.points]
+    ys = [p[1] for p in s.points]
+    color = color_of(s.color)
+    style = dict(
+        color=color,
+        ls="--" if s.dashed else "-",
+        marker=("s" if s.dashed else "o") if s.markers else None,
+        ms=4.5,
+        lw=s.width,
+        alpha=s.alpha,
+        label=s.name,
+    )
+    if s.yerr is not None:
+        err = [[y - lo for y, (lo, _) in zip(ys, s.yerr, strict=True)]]
+        err.append([hi - y for y, (_, hi) in zip(ys, s.yerr, strict=True)])
+        ax.errorbar(xs, ys, yerr=err, capsize=3, elinewidth=1, **style)
+    else:
+        ax.plot(xs, ys, **style)
+    for x, y, text in zip(xs, ys, s.labels, strict=False):
+        ax.annotate(
+            text, (x, y), xytext=(4, 4), textcoords="offset points", fontsize=7, color=color
         )
-        for s in fig.legend
+
+
+def _draw_panel(ax: Any, panel: Panel) -> None:
+    for ref in panel.references:
+        ax.axhline(ref.y, color=NEUTRAL, ls=ref.style, lw=1.2, label=ref.name)
+        if ref.lo is not None and ref.hi is not None:
+            ax.axhspan(ref.lo, ref.hi, color=NEUTRAL, alpha=0.12, lw=0)
+    for s in panel.series:
+        _draw_series(ax, s)
+    for x, label in panel.vlines:
+        ax.axvline(x, color=NEUTRAL, ls=":", lw=1)
+        ax.annotate(
+            label,
+            (x, 1),
+            xycoords=("data", "axes fraction"),
+            xytext=(3, -10),
+            textcoords="offset points",
+            fontsize=8,
+            color=NEUTRAL,
+        )
+    ax.set_title(panel.title, fontsize=11)
+    ax.set_xlabel(panel.xlabel)
+    ax.set_ylabel(panel.ylabel)
+    if panel.xlim is not None:
+        ax.set_xlim(*panel.xlim)
+    else:
+        ax.set_xlim(left=0)
+    if panel.ylim is not None:
+        ax.set_ylim(*panel.ylim)
+    else:
+        ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    if panel.legend:
+        ax.legend(fontsize=8)
+
+
+def _legend_handles(entries: list[Series]) -> list[Any]:
+    from matplotlib.lines import Line2D
+
+    return [
+        Line2D(
+            [],
+            [],
+            color=color_of(s.color),
+            ls="--" if s.dashed else "-",
+            marker=("s" if s.dashed else "o") if s.markers and s.color >= 0 else None,
+        )
+        for s in entries
     ]
-    out.legend(handles, [s.name for s in fig.legend], loc="lower center", ncol=4, fontsize=8)
-    out.suptitle(fig.title)
-    out.tight_layout(rect=(0, 0.12, 1, 1))
-    buf = io.BytesIO()
-    out.savefig(buf, format="png", dpi=100)
-    plt.close(out)
-    return buf.getvalue()
+
+
+def render_png(fig: Figure, dpi: int = 110) -> bytes:
+    """The figure as PNG bytes, drawn with matplotlib.
+
+    Raises:
+      PlotUnavailable: matplotlib is not installed (one-line message: what to install).
+    """
+    w, h = fig.panel_size
+    legend_rows = (len(fig.legend) + 3) // 4
+    out = matplotlib_figure((w * len(fig.panels), h + 0.3 * legend_rows))
+    axes = out.subplots(1, len(fig.panels), squeeze=False)[0]
+    for ax, panel in zip(axes, fig.panels, strict=True):
+        _draw_panel(ax, panel)
+    if fig.legend:
+        out.legend(
+            _legend_handles(fig.legend),
+            [s.name for s in fig.legend],
+            loc="outside lower center",
+            ncol=min(4, len(fig.legend)),
+            fontsize=8,
+            frameon=False,
+        )
+    if fig.title:
+        out.suptitle(fig.title)
+    return png_bytes(out, dpi)
+
+
+def write_png_or_say(path: Any, fig: Figure, write: Any) -> bool:
+    """Writes `render_png(fig)` with `write(path, bytes)`; without matplotlib prints the
+    one-line `PlotUnavailable` message to stderr instead. True when the PNG was written."""
+    try:
+        png = render_png(fig)
+    except PlotUnavailable as e:
+        print(f"{path}: {e}", file=sys.stderr)
+        return False
+    write(path, png)
+    return True

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from sparsevlm_jax.bench.plot import plot_figure, render_png
+from sparsevlm_jax.bench.plot import plot_figure, write_png_or_say
 from sparsevlm_jax.eval import jsonable
 
 
@@ -269,18 +269,28 @@ def markdown_full(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def xla_counted(report: dict[str, Any]) -> bool:
+    """Whether every entry has its XLA FLOPs (not a `--count none` run awaiting a merge)."""
+    return all(e["flops"].get("xla_decoder") is not None for e in report["results"])
+
+
 def save_outputs(report: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
-    """JSON + markdown (+ PNG for a full run), each written atomically."""
+    """JSON + markdown (+ PNG for a full run), each written atomically; the paths written.
+
+    The PNG needs matplotlib (the `plots` extra): without it a one-line message on stderr
+    says so and the JSON and markdown are written all the same.
+    """
     paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md"]
     write_atomic(paths[0], to_json(report))
     full = report["kind"] == "full"
     write_atomic(paths[1], markdown_full(report) if full else markdown_flops(report))
-    if full:
-        paths.append(out_dir / f"{stem}.png")
+    if full and xla_counted(report):
+        png = out_dir / f"{stem}.png"
         hw = report["hardware"]
         title = (
             f"{report['workload']['shape']} on {hw['jax_backend']} ({hw['jax_device_kind']}), "
             f"{report['workload']['model_dtype']}: prefill vs kept visual tokens"
         )
-        write_atomic(paths[2], render_png(plot_figure(report, title)))
+        if write_png_or_say(png, plot_figure(report, title), write_atomic):
+            paths.append(png)
     return paths
