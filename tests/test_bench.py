@@ -111,9 +111,12 @@ def test_without_matplotlib_plots_fail_with_one_line(monkeypatch, tmp_path, caps
     assert 'pip install "sparsevlm-jax[plots]"' in str(err.value)
     assert "\n" not in str(err.value)
     written = []
-    assert not plot.write_png_or_say(tmp_path / "a.png", fig, lambda p, b: written.append(p))
+    stale = tmp_path / "a.png"
+    stale.write_bytes(b"an older plot")
+    assert not plot.write_png_or_say(stale, fig, lambda p, b: written.append(p))
     lines = capsys.readouterr().err.strip().splitlines()
     assert written == [] and len(lines) == 1 and "sparsevlm-jax[plots]" in lines[0]
+    assert not stale.exists()  # it would not match the JSON / markdown written beside it
 
 
 def test_wilson_interval():

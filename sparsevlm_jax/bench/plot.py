@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 PLOTS_INSTALL = 'pip install "sparsevlm-jax[plots]"'
@@ -276,13 +277,15 @@ def render_png(fig: Figure, dpi: int = 110) -> bytes:
     return png_bytes(out, dpi)
 
 
-def write_png_or_say(path: Any, fig: Figure, write: Any) -> bool:
+def write_png_or_say(path: Path, fig: Figure, write: Any) -> bool:
     """Writes `render_png(fig)` with `write(path, bytes)`; without matplotlib prints the
-    one-line `PlotUnavailable` message to stderr instead. True when the PNG was written."""
+    one-line `PlotUnavailable` message to stderr instead and removes an older PNG at `path`
+    (it would not match the data written beside it). True when the PNG was written."""
     try:
         png = render_png(fig)
     except PlotUnavailable as e:
         print(f"{path}: {e}", file=sys.stderr)
+        Path(path).unlink(missing_ok=True)
         return False
     write(path, png)
     return True
