@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     wl = bench.Workload(args.shape, cfg)
     params = init_params(cfg)
     prefix, text = bench.prompt_ids(wl)
-    batch, _ = make_batch([prefix], [text], bench.random_pixels(cfg))
+    batch, _ = make_batch([prefix], [text], bench.random_pixels(cfg), wl.buckets)
     batch = jax.device_put(batch)
     print(f"load average at start: {os.getloadavg()}")
     for method, budget in bench.method_list(bench.split_list(args.methods)):

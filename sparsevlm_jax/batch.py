@@ -10,10 +10,17 @@ lengths are. The prefix is everything before the image (BOS, system prompt, `USE
 everything after it (question and `ASSISTANT:`). Padding slots are invalid: they are never
 attended to, and positions count valid slots only, so a padded example computes exactly what
 the unpadded one does. `(B, P, T)` is the bucket: one compiled program per bucket.
+
+Padding slots cost FLOPs like valid ones, so the buckets are tight where prompts are: the
+prefix is the conversation template's constant, and `Buckets.with_prefix(n)` adds its exact
+length as a bucket (no prefix padding at all, still one program per bucket); text buckets
+step by 16 up to 128 tokens (at most 15 padding slots for the usual questions), then by
+about a third.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import jax
@@ -50,17 +57,38 @@ class Batch:
         return (self.prefix_ids.shape[0], self.prefix_ids.shape[1], self.text_ids.shape[1])
 
 
+TEXT_BUCKETS = (16, 32, 48, 64, 80, 96, 112, 128, 192, 256, 384, 512, 768, 1024)
+
+
 @dataclass(frozen=True)
 class Buckets:
-    """Static sizes that prompts are padded up to (one compiled program per combination)."""
+    """Static sizes that prompts are padded up to (one compiled program per combination).
+
+    A serving process compiles one program per bucket it meets, so only the buckets of the
+    prompts it sees count: a fixed template (one prefix length, `with_prefix`) and questions
+    of 20-100 tokens meet one prefix bucket and at most six text buckets per batch size.
+    """
 
     batch: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
     prefix: tuple[int, ...] = (8, 16, 48, 64, 128)
-    text: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024)
+    text: tuple[int, ...] = TEXT_BUCKETS
+
+    def __post_init__(self) -> None:
+        for name in ("batch", "prefix", "text"):
+            sizes = getattr(self, name)
+            if not sizes or any(s < 1 for s in sizes):
+                raise ValueError(f"{name} buckets must be positive sizes, got {sizes}")
+            object.__setattr__(self, name, tuple(sorted(set(int(s) for s in sizes))))
+
+    def with_prefix(self, *lengths: int) -> Buckets:
+        """These buckets with the exact prefix lengths added (e.g. the conversation template's
+        constant prefix): prompts with such a prefix get a bucket without padding; other
+        lengths still round up to the ladder, so the number of programs stays bounded."""
+        return dataclasses.replace(self, prefix=(*self.prefix, *lengths))
 
     @staticmethod
     def pick(sizes: tuple[int, ...], n: int, what: str) -> int:
-        for s in sizes:
+        for s in sorted(sizes):
             if n <= s:
                 return s
         raise BucketError(f"{what} of {n} does not fit the largest bucket ({max(sizes)})")

@@ -31,7 +31,7 @@ def test_flops_json_fields(flops_report):
         assert key in report["hardware"]
     wl = report["workload"]
     assert (wl["num_image_tokens"], wl["num_layers"]) == (576, 32)
-    assert (wl["prefix_bucket"], wl["text_bucket"]) == (48, 64)
+    assert (wl["prefix_bucket"], wl["text_bucket"]) == (35, 64)  # exact template prefix
     labels = [r["label"] for r in report["results"]]
     assert labels == ["dense", "v1-64"]
     for r in report["results"]:

@@ -1,8 +1,15 @@
 """Benchmark workload: model shape and prompt sizes, the methods measured, inputs and weights.
 
-Every method of the registry is measured: dense plus each `named_presets()` entry, sparse
-methods with STATIC capacities (`V1_STATIC_SHAPES_7B` for the rank-adaptive v1; a fixed
-schedule sizes its own buffers). Weights are random: speed does not depend on their values.
+Every method of the registry is measured: dense plus each `named_presets()` entry. Timed
+runs use each preset's default capacity policy (`bench_sparse_config(..., static=False)`): the
+rank-adaptive v1 runs `bucketed` (stage programs sized by the budgets it really produced),
+fixed schedules size their own static buffers. FLOPs-only runs lower ONE program without
+weights, so there v1 gets static capacities (`V1_STATIC_SHAPES_7B`). Weights are random:
+speed does not depend on their values.
+
+The prompt is laid out in the buckets a serving process uses (`Workload.buckets`): the
+template's prefix gets its exact-length bucket (`Buckets.with_prefix`), the text the default
+ladder.
 """
 
 from __future__ import annotations
@@ -47,12 +54,17 @@ class Workload:
     count_dtype: str = "float32"
 
     @property
+    def buckets(self) -> Buckets:
+        """The default buckets with the prefix's exact length (a template's constant)."""
+        return Buckets().with_prefix(self.prefix_tokens)
+
+    @property
     def prefix_bucket(self) -> int:
-        return Buckets.pick(Buckets().prefix, self.prefix_tokens, "prefix length")
+        return Buckets.pick(self.buckets.prefix, self.prefix_tokens, "prefix length")
 
     @property
     def text_bucket(self) -> int:
-        return Buckets.pick(Buckets().text, self.text_tokens, "text length")
+        return Buckets.pick(self.buckets.text, self.text_tokens, "text length")
 
     @property
     def prompt_tokens(self) -> int:
@@ -95,6 +107,8 @@ class Options:
     decode_repeat: int = 10
     ttft_repeat: int = 3
     compile_count: bool = True
+    count_flops: bool = True
+    deadline_s: float = 0.0
     torch: bool = True
     torch_device: str | None = None
     threads: int = 0
@@ -122,12 +136,19 @@ def method_label(method: str, budget: int | None) -> str:
     return method if budget is None else f"{method}-{budget}"
 
 
-def bench_sparse_config(method: str, budget: int | None, cfg: LlavaConfig) -> SparseConfig:
-    """The preset with static capacities: a known static shape, else its own schedule."""
+def bench_sparse_config(
+    method: str, budget: int | None, cfg: LlavaConfig, static: bool = True
+) -> SparseConfig:
+    """The preset as benchmarked.
+
+    static=False (timed runs): the preset's own capacity policy (v1: `bucketed`).
+    static=True (one program to lower, FLOPs-only runs): static capacities, a known static
+    shape for rank-adaptive methods, else the method's own schedule.
+    """
     sparse = named_sparse_config(
         method, budget, num_layers=cfg.text.num_hidden_layers, num_image_tokens=cfg.num_image_tokens
     )
-    if not sparse.enabled or sparse.capacity == "static":
+    if not static or not sparse.enabled or sparse.capacity == "static":
         return sparse
     shapes = STATIC_SHAPES.get(method, {})
     if budget in shapes:

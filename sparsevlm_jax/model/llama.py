@@ -7,11 +7,22 @@ Layers are stacked on a leading axis (see `sparsevlm_jax.params`); a *stage* (co
 layers with the same sequence length) runs as one `lax.scan` that indexes the stack, so the
 weights are never sliced or copied per stage. Every token carries an explicit position and a
 validity flag: invalid slots (padding, unused capacity) are never attended to.
+
+Prefill attention skips what the causal mask throws away (`CausalMask`): slot order is causal
+order (query slot t sees key slot s iff s <= t and s is valid, whatever the positions), so the
+query axis is cut into a few static blocks and block i only forms scores against the keys up
+to its own end. Shapes stay static and the masks exact; about (n-1)/2n of the score and
+softmax work of n blocks is never done. With `SPARSEVLM_ATTENTION=cudnn` (or `auto` on a GPU in
+bf16/fp16) the prefill uses `jax.nn.dot_product_attention`'s cuDNN kernel instead, which skips
+the masked half itself (`attention_implementation`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import os
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import jax
@@ -108,11 +119,110 @@ def attention_probs(q: Array, k: Array, mask: Array) -> Array:
     return jax.nn.softmax(scores, axis=-1)
 
 
-def attend(q: Array, k: Array, v: Array, mask: Array) -> Array:
-    """Attention output [B, T, N*H]; q [B,T,N,H], k/v [B,S,K,H], mask [B,T,S]."""
+def attend(q: Array, k: Array, v: Array, mask: Array | CausalMask) -> Array:
+    """Attention output [B, T, N*H]; q [B,T,N,H], k/v [B,S,K,H], mask [B,T,S] (True = may
+    attend) or a `CausalMask` over the T = S slots (computes only the unmasked blocks)."""
+    if isinstance(mask, CausalMask):
+        return causal_attend(q, k, v, mask)
     b, t, n, h = q.shape
     probs = attention_probs(q, k, mask).astype(v.dtype)
     out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    return out.reshape(b, t, n * h)
+
+
+# Query blocks of the prefill attention. On two CPU cores (mini shape, 640 slots) 4 blocks
+# took 3.5 ms against 6.1 ms unblocked, 8 blocks 3.9 ms, 16 blocks 4.4 ms
+# (shared/notes/attention-cpu.md); blocks shorter than MIN_QUERY_BLOCK rows cost more in
+# per-block overhead than they save.
+QUERY_BLOCKS = 4
+MIN_QUERY_BLOCK = 128
+BLOCK_ALIGN = 8
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+
+
+@dataclass(frozen=True)
+class CausalMask:
+    """Causal self-attention over one sequence's slots, computed block by block.
+
+    Query slot t may attend key slot s iff s <= t and valid[s] (slot order is causal order).
+    `ends` are the static exclusive ends of the query blocks (the last is the length): block
+    i covers rows [ends[i-1], ends[i]) and forms scores against keys [0, ends[i]) only. The
+    result equals the dense masked softmax: the skipped keys are exactly the masked ones.
+    """
+
+    valid: Array  # [B, T] bool
+    ends: tuple[int, ...]
+
+    def dense(self) -> Array:
+        """The same mask as a [B, T, T] array."""
+        return causal_mask(self.valid)
+
+
+def query_block_ends(
+    length: int, blocks: int | None = None, min_block: int = MIN_QUERY_BLOCK
+) -> tuple[int, ...]:
+    """Static ends of about `blocks` (default `QUERY_BLOCKS`) equal query blocks of a
+    `length`-slot sequence, each at least `min_block` rows, interior ends multiples of 8."""
+    n = QUERY_BLOCKS if blocks is None else blocks
+    n = max(1, min(n, length // max(min_block, 1)))
+    if n == 1:
+        return (length,)
+    step = -(-length // n)
+    step = -(-step // BLOCK_ALIGN) * BLOCK_ALIGN
+    return (*range(step, length, step), length)
+
+
+def causal_attend(q: Array, k: Array, v: Array, mask: CausalMask) -> Array:
+    """Causal self-attention [B, T, N*H] of q [B,T,N,H], k/v [B,T,K,H], block by block."""
+    outs, start = [], 0
+    for end in mask.ends:
+        rows = jnp.arange(start, end)
+        allowed = (jnp.arange(end)[None, :] <= rows[:, None])[None] & mask.valid[:, None, :end]
+        outs.append(attend(q[:, start:end], k[:, :end], v[:, :end], allowed))
+        start = end
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+
+
+def attention_implementation(dtype: Any, head_dim: int) -> str:
+    """The prefill's attention: "xla" (the block-skipping `causal_attend`) or "cudnn"
+    (`jax.nn.dot_product_attention`'s fused cuDNN kernel), from `SPARSEVLM_ATTENTION` (read
+    when a program is traced): "xla"; "cudnn" (bf16/fp16 on an NVIDIA GPU only); "auto"
+    (default) = "cudnn" on a GPU in bf16/fp16 when jax's cuDNN checks pass, else "xla"."""
+    choice = os.environ.get("SPARSEVLM_ATTENTION", "auto").strip().lower() or "auto"
+    if choice not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(
+            f"SPARSEVLM_ATTENTION={choice!r}; known: {', '.join(ATTENTION_IMPLEMENTATIONS)}"
+        )
+    if choice != "auto":
+        return choice
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    if jax.default_backend() != "gpu" or not half:
+        return "xla"
+    return "cudnn" if _cudnn_traces(jnp.dtype(dtype).name, head_dim) else "xla"
+
+
+@functools.cache
+def _cudnn_traces(dtype: str, head_dim: int) -> bool:
+    """Whether `cudnn_causal_attend` passes jax's trace-time checks (dtype, head dim, cuDNN
+    version, GPU generation) for this dtype and head dim."""
+    x = jax.ShapeDtypeStruct((1, 16, 2, head_dim), jnp.dtype(dtype))
+    valid = jax.ShapeDtypeStruct((1, 16), jnp.bool_)
+    try:
+        jax.eval_shape(cudnn_causal_attend, x, x, x, valid)
+    except Exception:  # noqa: BLE001 - any refusal means: use the XLA attention
+        return False
+    return True
+
+
+def cudnn_causal_attend(q: Array, k: Array, v: Array, valid: Array) -> Array:
+    """The causal self-attention of `causal_attend` through cuDNN's fused kernel: the causal
+    part by the kernel's own mask (it skips the masked blocks), invalid keys by a boolean
+    mask (added as a bias). Rows of invalid queries are zeroed (they attend to nothing valid
+    and must not carry a NaN into the values of later layers)."""
+    b, t, n, h = q.shape
+    key_ok = jnp.broadcast_to(valid[:, None, None, :], (b, 1, t, t))
+    out = jax.nn.dot_product_attention(q, k, v, mask=key_ok, is_causal=True, implementation="cudnn")
+    out = jnp.where(valid[:, :, None, None], out, jnp.zeros((), out.dtype))
     return out.reshape(b, t, n * h)
 
 
@@ -134,19 +244,29 @@ def causal_mask(valid: Array) -> Array:
 
 
 def prefill_layer(
-    lp: dict[str, Any], cfg: TextConfig, x: Array, positions: Array, mask: Array
+    lp: dict[str, Any],
+    cfg: TextConfig,
+    x: Array,
+    positions: Array,
+    mask: Array | CausalMask,
+    implementation: str = "xla",
 ) -> tuple[Array, Array, Array, Array]:
     """One decoder layer over a whole sequence.
 
     Args:
-      x [B,T,D], positions [B,T] int32, mask [B,T,T].
+      x [B,T,D], positions [B,T] int32, mask [B,T,T] or a `CausalMask`; implementation:
+      "cudnn" runs a `CausalMask` through cuDNN's fused attention (`cudnn_causal_attend`).
     Returns:
       (output [B,T,D], q [B,T,N,H], k [B,T,K,H], v [B,T,K,H]); q is returned for callers that
       need attention rows (pruning layers); XLA drops it where unused.
     """
     h = rms_norm(x, lp["input_layernorm"]["scale"], cfg.rms_norm_eps)
     q, k, v = qkv(lp, cfg, h, positions)
-    x = x + linear(attend(q, k, v, mask), lp["o_proj"])
+    if implementation == "cudnn" and isinstance(mask, CausalMask):
+        att = cudnn_causal_attend(q, k, v, mask.valid)
+    else:
+        att = attend(q, k, v, mask)
+    x = x + linear(att, lp["o_proj"])
     h = rms_norm(x, lp["post_attention_layernorm"]["scale"], cfg.rms_norm_eps)
     return x + mlp(lp, h), q, k, v
 
@@ -161,6 +281,7 @@ def prefill_stage(
     valid: Array,
     query_tail: int = 0,
     unroll: bool = False,
+    query_blocks: int | None = None,
 ) -> tuple[Array, KV, Array | None]:
     """Runs layers [start, stop) over a sequence as one scan.
 
@@ -168,13 +289,16 @@ def prefill_stage(
       query_tail: also return the last layer's queries for the last `query_tail` slots (the
         text rows a pruning layer scores with), so its attention rows can be recomputed
         without materialising every head's full attention matrix.
+      query_blocks: query blocks of the causal attention (`query_block_ends`; default
+        `QUERY_BLOCKS`, fewer on short sequences; 1 = no block skipping).
     Returns:
       (x [B,T,D], kv with k/v [stop-start, B, T, K, H], q [B, query_tail, N, H] or None).
     """
-    mask = causal_mask(valid)
+    mask = CausalMask(valid, query_block_ends(x.shape[1], query_blocks))
+    impl = attention_implementation(x.dtype, cfg.head_dim)
 
     def body(x, i):
-        out, q, k, v = prefill_layer(layer_params(layers, i), cfg, x, positions, mask)
+        out, q, k, v = prefill_layer(layer_params(layers, i), cfg, x, positions, mask, impl)
         return out, (k, v, q[:, x.shape[1] - query_tail :])
 
     x, (k, v, q) = jax.lax.scan(
