@@ -29,7 +29,8 @@ from sparsevlm_jax import bench
 from sparsevlm_jax.batch import make_batch
 from sparsevlm_jax.generate import prefill_jit
 from sparsevlm_jax.model import llama
-from sparsevlm_jax.model.llava import SeqState, embed_inputs, stage_bounds
+from sparsevlm_jax.model.llava import embed_inputs, stage_bounds
+from sparsevlm_jax.model.sequence import SeqState
 from sparsevlm_jax.params import init_params
 from sparsevlm_jax.presets import SHAPES
 
@@ -62,7 +63,7 @@ def profile(params: dict, cfg: Any, sparse: Any, batch: Any, repeat: int) -> lis
     fl = flops_of(lambda p, b: embed_inputs(p, cfg, b).x, params, batch)
     rows.append(("embed + vision tower", state0.x.shape[1], t, fl))
 
-    bounds = stage_bounds(cfg.text.num_hidden_layers, sparse)
+    bounds = stage_bounds(cfg.text.num_hidden_layers, sparse.layers if sparse.enabled else ())
     state = state0
     for s, (start, stop) in enumerate(bounds):
         tail = state.num_text if sparse.enabled and s < len(bounds) - 1 else 0

@@ -1,6 +1,7 @@
 """Jitted prefill + decode loop, sampling and stop conditions.
 
-Two compiled programs per (bucket, SparseConfig, max_new_tokens): the prefill, and the decode
+Per (bucket, SparseConfig, max_new_tokens): the prefill (one program, or one per stage and
+capacity bucket under the `bucketed` policy: `sparsevlm_jax.prefill`), and the decode
 loop (a `lax.while_loop` over steps that stops when every row has produced an EOS token or
 `max_new_tokens` are out). Temperature and top-p are traced values, so changing them does not
 recompile; the cache is donated to the decode loop.
@@ -18,8 +19,11 @@ import numpy as np
 
 from sparsevlm_jax.batch import Batch
 from sparsevlm_jax.config import LlavaConfig
-from sparsevlm_jax.model.llava import KVCache, decode_step, prefill
+from sparsevlm_jax.model.llava import KVCache, decode_step
+from sparsevlm_jax.prefill import CapacityInfo, compiled_programs, prefill, prefill_jit
 from sparsevlm_jax.sparse.config import SparseConfig
+
+__all__ = ["Generation", "compile_counts", "decode_jit", "generate_ids", "prefill", "prefill_jit"]
 
 Array = jax.Array
 PAD = -1  # token id written after a row has finished
@@ -39,19 +43,6 @@ def sample(logits: Array, key: Array, temperature: Array, top_p: Array) -> Array
     filtered = jnp.where(scaled >= threshold, scaled, -jnp.inf)
     sampled = jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
     return jnp.where(temperature > 0, sampled, greedy)
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "sparse", "max_new_tokens", "all_logits"))
-def prefill_jit(
-    params: dict,
-    batch: Batch,
-    cfg: LlavaConfig,
-    sparse: SparseConfig,
-    max_new_tokens: int,
-    all_logits: bool = False,
-):
-    """Jitted `sparsevlm_jax.model.llava.prefill`."""
-    return prefill(params, cfg, sparse, batch, max_new_tokens, all_logits)
 
 
 @functools.partial(
@@ -108,6 +99,7 @@ class Generation:
     stats: dict[str, np.ndarray] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     kv_cache_bytes: int = 0
+    capacity: CapacityInfo | None = None
 
 
 def generate_ids(
@@ -133,7 +125,7 @@ def generate_ids(
     eos = tuple(cfg.text.eos_token_ids if eos_ids is None else eos_ids)
     n = batch.prefix_ids.shape[0] if num_real is None else num_real
     t0 = time.perf_counter()
-    logits, cache, stats = prefill_jit(params, batch, cfg, sparse, max_new_tokens)
+    logits, cache, stats, capacity = prefill(params, batch, cfg, sparse, max_new_tokens)
     jax.block_until_ready(logits)
     t1 = time.perf_counter()
     kv_bytes = cache.nbytes()
@@ -152,12 +144,13 @@ def generate_ids(
     t2 = time.perf_counter()
     ids = [tokens[i, : counts[i]].tolist() for i in range(n)]
     host_stats = {k: np.asarray(v)[:n] for k, v in stats.items()}
-    return Generation(ids, host_stats, {"prefill": t1 - t0, "decode": t2 - t1}, kv_bytes)
+    timings = {"prefill": t1 - t0, "decode": t2 - t1}
+    return Generation(ids, host_stats, timings, kv_bytes, capacity)
 
 
 def compile_counts() -> dict[str, int]:
-    """How many programs the jitted prefill and decode hold (for no-recompilation tests)."""
-    return {"prefill": prefill_jit._cache_size(), "decode": decode_jit._cache_size()}
+    """How many programs the jitted prefill (fused and bucketed stages) and decode hold."""
+    return {**compiled_programs(), "decode": decode_jit._cache_size()}
 
 
 def strip_eos(ids: list[int], eos_ids: tuple[int, ...]) -> list[int]:

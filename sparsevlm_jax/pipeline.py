@@ -54,6 +54,9 @@ def example_stats(
     flops = analytic_flops({k: v[i : i + 1] for k, v in gen.stats.items()}, cfg)
     dense_layers = np.full(cfg.text.num_hidden_layers, int(s["dense_tokens"]))
     out.update(
+        method=sparse.name,
+        pruning_layers=list(sparse.layers),
+        capacity=gen.capacity.to_dict() if gen.capacity is not None else None,
         raters=np.flatnonzero(s["raters"]).tolist(),
         layers=[
             {

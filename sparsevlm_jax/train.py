@@ -30,6 +30,7 @@ import functools
 import json
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -263,6 +264,15 @@ def patch_labels(ex: st.Example, index_map: np.ndarray, patch: int) -> np.ndarra
     return np.stack([col[obj], shp[obj], col[cobj], shp[cobj]], axis=1).astype(np.int32)
 
 
+def encode_cached(processor: Processor, question: str) -> tuple[list[int], list[int]]:
+    """`processor.encode`, memoised per processor: the task has a few hundred distinct
+    questions, and tokenising them again was a third of the time spent building a batch."""
+    cache = processor.__dict__.setdefault("_encode_cache", {})
+    if question not in cache:
+        cache[question] = processor.encode(question)
+    return cache[question]
+
+
 def make_packed(
     processor: Processor,
     split: str,
@@ -298,7 +308,7 @@ def make_packed(
         t = np.full((q, BLOCK_LEN), -1, np.int32)
         a = np.zeros(q, np.int32)
         for j, question in enumerate(ex.questions):
-            pre, text = processor.encode(question.text)
+            pre, text = encode_cached(processor, question.text)
             prefix = pre if prefix is None else prefix
             if pre != prefix:
                 raise ValueError("the prompt prefix must be the same for every question")
@@ -788,8 +798,13 @@ def train(
     t0 = time.time()
     last: dict[str, Any] = {}
     bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, disable=not progress)
+    # Batches are built in a thread while XLA runs the previous step (it releases the GIL).
+    pool = ThreadPoolExecutor(max_workers=1)
+    ahead = {s: pool.submit(train_batch, processor, cfg, tc, s) for s in range(start, start + 2)}
     for step in bar:
-        batch = train_batch(processor, cfg, tc, step).device()
+        batch = ahead.pop(step).result().device()
+        if step + 2 < tc.steps:
+            ahead[step + 2] = pool.submit(train_batch, processor, cfg, tc, step + 2)
         vision = step < tc.vision_steps
         if step == tc.vision_steps and step > 0:  # phase 2 starts with a fresh optimizer
             state["opt_state"] = opt.init({"params": state["params"], "aux": state["aux"]})
@@ -804,8 +819,10 @@ def train(
         stop = max_minutes is not None and rec["seconds"] > max_minutes * 60
         if done % tc.eval_every == 0 or done == tc.steps or stop:
             acc = np.mean(
-                [np.asarray(patch_accuracy(state["aux"], state["params"], cfg, vb.device()))
-                 for vb in val_batches],
+                [
+                    np.asarray(patch_accuracy(state["aux"], state["params"], cfg, vb.device()))
+                    for vb in val_batches
+                ],
                 axis=0,
             )
             rec["val_patch_color"], rec["val_patch_shape"] = float(acc[0]), float(acc[1])
@@ -826,6 +843,7 @@ def train(
         last = rec
         if stop:
             break
+    pool.shutdown(cancel_futures=True)
     mgr.close()
     return last
 

@@ -18,7 +18,7 @@ import pytest
 from tiny_models import IMAGE_TOKEN, random_pixels, save_tiny_llava, tiny_llava
 
 from sparsevlm_jax.batch import make_batch
-from sparsevlm_jax.generate import compile_counts, decode_jit, prefill_jit
+from sparsevlm_jax.generate import compile_counts, decode_jit, prefill, prefill_jit
 from sparsevlm_jax.sparse.config import SparseConfig
 
 torch = pytest.importorskip("torch")
@@ -61,7 +61,9 @@ def model_and_params(seed: int):
 
 
 def v1(name: str, **kw) -> SparseConfig:
+    """v1 at a preset, `exact` capacity unless `kw` says otherwise."""
     scale, bias = PRESETS[name]
+    kw = {"capacity": "exact", **kw}
     return SparseConfig(method="v1", layers=LAYERS, scale=scale, bias=bias, **kw)
 
 
@@ -109,7 +111,7 @@ def run_jax(params, cfg, sparse: SparseConfig, rows: list[int]):
     batch, n = make_batch(
         [EXAMPLES[i][0] for i in rows], [EXAMPLES[i][1] for i in rows], pixels()[rows]
     )
-    logits, cache, stats = prefill_jit(params, batch, cfg, sparse, NEW_TOKENS, True)
+    logits, cache, stats, _ = prefill(params, batch, cfg, sparse, NEW_TOKENS, True)
     valid = np.asarray(cache.valid[-1][:, : cache.prefill_len[-1]])
     per_example = [np.asarray(logits[j])[valid[j]] for j in range(n)]
     last = jnp.stack([logits[j, np.flatnonzero(valid[j])[-1]] for j in range(logits.shape[0])])
@@ -160,12 +162,15 @@ def assert_same_decisions(stats: dict, j: int, r, check_raters: bool = True) -> 
     assert np.isclose(float(stats["equivalent_tokens"][j]), r.equivalent_tokens)
 
 
+@pytest.mark.parametrize("capacity", ["exact", "bucketed"])
 @pytest.mark.parametrize("seed", MODEL_SEEDS)
 @pytest.mark.parametrize("preset", list(PRESETS))
-def test_exact_mode_matches_reference(seed, preset):
-    """4 examples per (model seed, preset): 40 cases in all, batched through one program."""
+def test_exact_and_bucketed_match_reference(seed, preset, capacity):
+    """4 examples per (model seed, preset): 40 cases in all, batched (one program for
+    `exact`; stage programs sized by the batch's largest budget for `bucketed`)."""
     _, params, cfg = model_and_params(seed)
-    logits, tokens, stats = run_jax(params, cfg, v1(preset), list(range(len(EXAMPLES))))
+    sparse = v1(preset, capacity=capacity)
+    logits, tokens, stats = run_jax(params, cfg, sparse, list(range(len(EXAMPLES))))
     for j in range(len(EXAMPLES)):
         toks, r = reference(seed, preset, j)
         assert_clear_decisions(r)

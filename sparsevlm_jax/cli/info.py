@@ -49,6 +49,15 @@ def format_info(path: Path, cfg: LlavaConfig, arrays: dict[str, tuple], kind: st
     except ConfigError:
         layers = "none (too shallow; pass --layers)"
     proj = "bias" if cfg.projector_bias else "no bias"
+    from sparsevlm_jax.checkpoint import load_metadata
+
+    conv = load_metadata(path).get("conversion") or {}
+    note = ""
+    if conv.get("source_dtype"):
+        note = (
+            f" (converted from {conv['source_dtype']} with --dtype "
+            f"{conv.get('requested_dtype', '?')})"
+        )
     return "\n".join(
         [
             f"checkpoint:  {path} ({kind})",
@@ -66,7 +75,7 @@ def format_info(path: Path, cfg: LlavaConfig, arrays: dict[str, tuple], kind: st
             f"{cfg.image_token_index} ({style})",
             f"sparse v1:   default pruning layers {layers}",
             f"parameters:  {count:,} ({human_bytes(nbytes)})",
-            f"dtype:       {', '.join(dtypes)}",
+            f"dtype:       {', '.join(dtypes)}{note}",
         ]
     )
 

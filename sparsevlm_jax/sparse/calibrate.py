@@ -32,7 +32,7 @@ def calibrate(
     Returns:
       `sparse` with capacity="static", capacities and recycled_capacities set (each >= 1).
     """
-    from sparsevlm_jax.generate import prefill_jit
+    from sparsevlm_jax.prefill import prefill_jit
 
     exact = sparse.replace(capacity="exact", capacities=(), recycled_capacities=())
     kept, recycled = [], []

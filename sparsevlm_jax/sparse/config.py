@@ -70,10 +70,13 @@ class SparseConfig:
     v2_heads: heads averaged by v2.0; None = `v2_num_heads`'s rule (14, or round(14/32 *
       heads) on models with fewer than 14 heads).
     seed: the random method's seed.
-    capacity: "exact" (the kept buffer can hold every budget: identical decisions to the
-      reference, no compute saved beyond the valid-slot count) or "static" (`capacities[i]`
-      visual slots after pruning layer i; a larger budget keeps the top-`capacities[i]` tokens
-      and reports the difference as overflow).
+    capacity: the capacity policy (DESIGN.md). "bucketed" (default): the prefill runs stage by
+      stage, the host reads each pruning layer's budgets and the next stage runs with the
+      batch's largest rounded up to a bucket (`sparsevlm_jax.prefill`): the decisions of
+      "exact", compute following the budget. "static": `capacities[i]` visual slots after
+      pruning layer i in one compiled program; a larger budget keeps the top-`capacities[i]`
+      tokens and reports the difference as overflow. "exact": one program whose buffers hold
+      every budget (saves nothing; for parity tests).
     recycled_capacities: static slots for recycled tokens per pruning layer; empty = the
       largest count that can occur.
     """
@@ -86,7 +89,7 @@ class SparseConfig:
     fastv_ratio: float = 0.5
     v2_heads: int | None = None
     seed: int = 0
-    capacity: str = "exact"
+    capacity: str = "bucketed"
     capacities: tuple[int, ...] = ()
     recycled_capacities: tuple[int, ...] = ()
     budget_name: int | None = None
@@ -178,7 +181,7 @@ class SparseConfig:
         budget: int = 192,
         num_layers: int = 32,
         layers: tuple[int, ...] | None = None,
-        capacity: str = "exact",
+        capacity: str = "bucketed",
         capacities: tuple[int, ...] = (),
     ) -> SparseConfig:
         """SparseVLM v1 at a named budget (192, 128 or 64) of SPEC §6.
@@ -278,7 +281,7 @@ def named_sparse_config(
     them (`preset_layers`, SPEC §6); models with other than 576 visual tokens get schedules
     scaled to the same fractions (`scale_schedule`). Fixed-schedule methods (v1.5, v2.0,
     random) and FastV get static capacities equal to what they keep (identical decisions, no
-    waste); v1 is rank-adaptive and runs `exact` unless capacities are given (`kw`).
+    waste); v1 is rank-adaptive and runs `bucketed` unless capacities are given (`kw`).
 
     random@B keeps, at v1.5@B's layers, as many tokens as v1.5@B has visual tokens after each
     layer (kept + recycled), so the two are compared at equal visual counts.

@@ -1,6 +1,6 @@
 """SparseVLM at the stage boundaries of the compiled prefill (SPEC §1-§6, DESIGN.md).
 
-The sequence is `[prefix P | visual region | text T]` (`sparsevlm_jax.model.llava.SeqState`).
+The sequence is `[prefix P | visual region | text T]` (`sparsevlm_jax.model.sequence.SeqState`).
 At a pruning layer the visual region (`vis_cap` slots, some invalid) is replaced by
 
     [ kept: C slots (top-k in original order) | recycled: Rc slots (cluster means) ]
@@ -18,18 +18,20 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from sparsevlm_jax.config import ConfigError, LlavaConfig, TextConfig
 from sparsevlm_jax.flops import prefill_flops
 from sparsevlm_jax.model import llama
-from sparsevlm_jax.model.llava import SeqState, positions_from_valid
+from sparsevlm_jax.model.sequence import SeqState, positions_from_valid
 from sparsevlm_jax.sparse.common import descending_order
-from sparsevlm_jax.sparse.config import V2_HEAD_FRACTION, SparseConfig
+from sparsevlm_jax.sparse.config import SparseConfig, v2_num_heads
 from sparsevlm_jax.sparse.rank import budget_table, fixed_budget, matrix_rank, rank_budget
 from sparsevlm_jax.sparse.raters import rater_scores, text_raters
 from sparsevlm_jax.sparse.recycle import (
     max_candidates_for,
     max_clusters_for,
+    num_candidates,
     num_clusters,
     recycle,
 )
@@ -120,37 +122,101 @@ def top_heads_mean(per_head: Array, raters: Array, vis_mask: Array, n_sel: int) 
     return jnp.sum(jnp.where(chosen[:, :, None, None], per_head, 0.0), axis=1) / n_sel
 
 
-class Pruner:
-    """Runs the pruning of each stage boundary inside one traced prefill and collects stats."""
+@struct.dataclass
+class PruneCarry:
+    """What the pruning carries from one stage boundary to the next (a pytree).
 
-    def __init__(self, cfg: LlavaConfig, sparse: SparseConfig, state: SeqState):
+    raters, text_mask [B,T]; num_prefix_valid [B]; n_vis: the visual count entering each
+    stage so far ([B] each); layer_stats: one dict of [B, ...] arrays per pruned layer.
+    """
+
+    raters: Array
+    text_mask: Array
+    num_prefix_valid: Array
+    n_vis: tuple[Array, ...]
+    layer_stats: tuple[dict[str, Array], ...]
+
+
+@struct.dataclass
+class Decision:
+    """What a pruning layer decided before anything is gathered (all [B] but scores).
+
+    scores [B, Vcap] (-inf at invalid slots); rank (v1) or zeros; budget k (SPEC §3, §7);
+    n_vis: valid visual tokens coming in; n_keep = min(k, n_vis), the tokens the layer keeps
+    with unlimited capacity; n_candidates: recycling candidates that follows (0 when the
+    method does not recycle). `n_keep` and `n_candidates` are what a host-side capacity
+    policy needs to size the next stage exactly.
+    """
+
+    scores: Array
+    rank: Array
+    budget: Array
+    n_vis: Array
+    n_keep: Array
+    n_candidates: Array
+
+
+class Pruner:
+    """SparseVLM at stage boundaries: `decide` (scores, budgets) then `apply` (gather).
+
+    Static: the model and sparse configs. Everything data-dependent travels in a
+    `PruneCarry`, so the two halves can run in one traced prefill (`prune`, the fused
+    path of the `exact` and `static` policies) or in separate compiled programs with a host
+    round trip in between (the `bucketed` policy, `sparsevlm_jax.staged`).
+    """
+
+    def __init__(self, cfg: LlavaConfig, sparse: SparseConfig, state: SeqState | None = None):
         self.cfg, self.sparse = cfg, sparse
-        self.plan = plan_capacities(sparse, state.vis_cap)
-        text = slice(state.x.shape[1] - state.num_text, None)
-        self.text_mask = state.valid[:, text]
-        self.raters = text_raters(state.x[:, state.vis_slice], state.x[:, text], self.text_mask)
-        self.num_prefix_valid = jnp.sum(state.valid[:, : state.num_prefix], axis=1)
-        self.n_vis = [jnp.sum(state.valid[:, state.vis_slice], axis=1).astype(jnp.int32)]
-        self.layer_stats: list[dict[str, Array]] = []
+        self.carry = self.init(state) if state is not None else None
+        self.plan = plan_capacities(sparse, state.vis_cap) if state is not None else None
+
+    def init(self, state: SeqState) -> PruneCarry:
+        """The carry before the first stage (raters from the input embeddings, SPEC §1)."""
+        text = state.text_slice
+        text_mask = state.valid[:, text]
+        return PruneCarry(
+            raters=text_raters(state.x[:, state.vis_slice], state.x[:, text], text_mask),
+            text_mask=text_mask,
+            num_prefix_valid=jnp.sum(state.valid[:, : state.num_prefix], axis=1),
+            n_vis=(jnp.sum(state.valid[:, state.vis_slice], axis=1).astype(jnp.int32),),
+            layer_stats=(),
+        )
 
     def prune(self, i: int, state: SeqState, q_text: Array, k_all: Array) -> SeqState:
-        """Prunes the visual region after pruning layer i.
+        """The fused boundary step after pruning layer i, with the static plan's capacities
+        (a `BoundaryStep` for `sparsevlm_jax.model.llava.run_prefill`)."""
+        dec = self.decide(i, self.carry, state, q_text, k_all)
+        state, self.carry = self.apply(i, self.carry, state, dec, self.plan[i])
+        return state
+
+    def decide(
+        self, i: int, carry: PruneCarry, state: SeqState, q_text: Array, k_all: Array
+    ) -> Decision:
+        """Scores and budget at pruning layer i.
 
         state: the sequence with x = the pruning layer's output; q_text [B,T,N,H] and
         k_all [B,L,K,H]: that layer's text-row queries and all keys.
         """
-        cap = self.plan[i]
+        vis_mask = state.valid[:, state.vis_slice]
+        n_vis = jnp.sum(vis_mask, axis=1).astype(jnp.int32)
+        per_head = text_row_attention(q_text, k_all, state.valid)[..., state.vis_slice]
+        scores, rank = self.score(i, carry, state, per_head, vis_mask)
+        budget = self.budget(i, rank, n_vis, per_head.shape[2], state.vis_cap)
+        n_keep = jnp.minimum(jnp.maximum(budget, 0), n_vis).astype(jnp.int32)
+        n_cand = num_candidates(n_vis - n_keep) if self.sparse.recycles else jnp.zeros_like(n_vis)
+        return Decision(scores, rank, budget, n_vis, n_keep, n_cand)
+
+    def apply(
+        self, i: int, carry: PruneCarry, state: SeqState, dec: Decision, cap: LayerCapacity
+    ) -> tuple[SeqState, PruneCarry]:
+        """Rebuilds the visual region as [kept: cap.kept | recycled: cap.recycled] slots."""
         assert cap.vis_in == state.vis_cap, (cap, state.vis_cap)
         vis = state.vis_slice
         vis_mask = state.valid[:, vis]
-        n_vis = jnp.sum(vis_mask, axis=1).astype(jnp.int32)
         valid_rank = jnp.cumsum(vis_mask.astype(jnp.int32), axis=1) - 1
-
-        per_head = text_row_attention(q_text, k_all, state.valid)[..., vis]  # [B,N,T,Vcap]
-        scores, rank = self.score(i, state, per_head, vis_mask)
-        budget = self.budget(i, rank, n_vis, per_head.shape[2], cap.vis_in)
-        top = select_topk(scores, budget, cap.kept, vis_mask)
-        if self.sparse.recycles:
+        scores = dec.scores
+        top = select_topk(scores, dec.budget, cap.kept, vis_mask)
+        if self.sparse.recycles and cap.recycled > 0:  # 0: no row pruned anything
             rec = recycle(
                 state.x[:, vis], scores, vis_mask, top.keep_mask_full, cap.candidates, cap.recycled
             )
@@ -176,31 +242,31 @@ class Pruner:
         else:
             positions = positions_from_valid(valid)
 
-        self.n_vis.append(top.n_kept + n_rec)
-        self.layer_stats.append(
-            {
-                "rank": rank,
-                "budget": budget,
-                # slot -> index among the valid visual tokens (the reference's numbering)
-                "kept": jnp.where(
-                    top.kept_mask, jnp.take_along_axis(valid_rank, top.kept_idx, axis=1), -1
-                ),
-                "num_kept": top.n_kept,
-                "recycled": n_rec,
-                "overflow": top.overflow,
-                "recycled_overflow": rec_overflow,
-            }
+        layer = {
+            "rank": dec.rank,
+            "budget": dec.budget,
+            # slot -> index among the valid visual tokens (the reference's numbering)
+            "kept": jnp.where(
+                top.kept_mask, jnp.take_along_axis(valid_rank, top.kept_idx, axis=1), -1
+            ),
+            "num_kept": top.n_kept,
+            "recycled": n_rec,
+            "overflow": top.overflow,
+            "recycled_overflow": rec_overflow,
+        }
+        carry = carry.replace(
+            n_vis=(*carry.n_vis, top.n_kept + n_rec), layer_stats=(*carry.layer_stats, layer)
         )
-        return SeqState(x, valid, positions, p, cap.vis_out)
+        return SeqState(x, valid, positions, p, cap.vis_out), carry
 
     def score(
-        self, i: int, state: SeqState, per_head: Array, vis_mask: Array
+        self, i: int, carry: PruneCarry, state: SeqState, per_head: Array, vis_mask: Array
     ) -> tuple[Array, Array]:
         """(scores [B, Vcap] with -inf at invalid slots, v1's rank [B] or zeros)."""
         sp, b = self.sparse, per_head.shape[0]
         no_rank = jnp.zeros((b,), jnp.int32)
         if sp.method == "fastv":  # the last prompt token's head-averaged attention
-            last = jnp.sum(self.text_mask, axis=1) - 1
+            last = jnp.sum(carry.text_mask, axis=1) - 1
             row = jnp.take_along_axis(jnp.mean(per_head, axis=1), last[:, None, None], axis=1)
             return jnp.where(vis_mask, row[:, 0], -jnp.inf), no_rank
         if sp.method == "random":
@@ -208,19 +274,19 @@ class Pruner:
             noise = jax.random.uniform(key, vis_mask.shape[1:])
             return jnp.where(vis_mask, noise[None], -jnp.inf), no_rank
         if sp.method == "v2_0":
-            t = self.text_mask.shape[1]
+            t = carry.text_mask.shape[1]
             gravity = rope_gravity(
                 self.cfg.text, state.positions[:, -t:], state.positions[:, state.vis_slice]
             )
             heads = per_head.shape[1]
-            n_sel = sp.v2_heads or max(1, round(V2_HEAD_FRACTION * heads))
-            relation = top_heads_mean(per_head / gravity[:, None], self.raters, vis_mask, n_sel)
+            n_sel = v2_num_heads(heads, sp.v2_heads)
+            relation = top_heads_mean(per_head / gravity[:, None], carry.raters, vis_mask, n_sel)
         else:
             relation = jnp.mean(per_head, axis=1)  # R [B, T, Vcap]
-        scores = rater_scores(relation, self.raters, vis_mask)
+        scores = rater_scores(relation, carry.raters, vis_mask)
         if sp.method != "v1":
             return scores, no_rank
-        return scores, matrix_rank(relation, self.raters, vis_mask)[0]
+        return scores, matrix_rank(relation, carry.raters, vis_mask)[0]
 
     def budget(self, i: int, rank: Array, n_vis: Array, num_text: int, vis_cap: int) -> Array:
         """k [B] per SPEC §3 / §7; k >= V means the layer prunes nothing."""
@@ -235,7 +301,7 @@ class Pruner:
             return jnp.minimum(sp.schedule[i], n_vis).astype(jnp.int32)
         return fixed_budget(n_vis, sp.schedule[i])  # v1.5, v2.0: min(schedule, V - 1)
 
-    def stats(self, state: SeqState) -> dict[str, Array]:
+    def stats(self, carry: PruneCarry | None = None) -> dict[str, Array]:
         """Per-example statistics, every array with a leading batch axis.
 
         raters [B,T] bool (relative to the text start); per pruning layer i (axis 1):
@@ -245,34 +311,35 @@ class Pruner:
         equivalent_tokens [B]; tokens_per_layer [B, num_layers] and dense_tokens [B] (valid
         tokens each layer processed, for SPEC §8 FLOPs: `analytic_flops`).
         """
+        carry = self.carry if carry is None else carry
         num_layers = self.cfg.text.num_hidden_layers
         bounds = [*self.sparse.layers, num_layers - 1]
         # Visual count after layer j: the count entering layer j+1 (a pruning layer's own
         # count is the pruned one, as the authors count it).
         counts, start = [], 0
         for s, stop in enumerate(bounds):
-            n_after = self.n_vis[min(s + 1, len(self.n_vis) - 1)]
-            counts += [self.n_vis[s]] * (stop - start) + [n_after]
+            n_after = carry.n_vis[min(s + 1, len(carry.n_vis) - 1)]
+            counts += [carry.n_vis[s]] * (stop - start) + [n_after]
             start = stop + 1
         visual_counts = jnp.stack(counts, axis=1)
         # Tokens processed by layer j: every valid token of its stage.
-        other = self.num_prefix_valid + jnp.sum(self.text_mask, axis=1)
+        other = carry.num_prefix_valid + jnp.sum(carry.text_mask, axis=1)
         processed, start = [], 0
         for s, stop in enumerate(bounds):
-            processed += [self.n_vis[s] + other] * (stop + 1 - start)
+            processed += [carry.n_vis[s] + other] * (stop + 1 - start)
             start = stop + 1
         processed = jnp.stack(processed, axis=1)
-        dense = jnp.broadcast_to(self.n_vis[0] + other, processed.shape[:1])[:, None]
+        dense = jnp.broadcast_to(carry.n_vis[0] + other, processed.shape[:1])[:, None]
         out = {
-            "raters": self.raters,
+            "raters": carry.raters,
             "visual_counts": visual_counts,
             "equivalent_tokens": jnp.mean(visual_counts.astype(jnp.float32), axis=1),
             "tokens_per_layer": processed,
             "dense_tokens": dense[:, 0],
         }
-        width = max(s["kept"].shape[1] for s in self.layer_stats)
-        for key in self.layer_stats[0]:
-            vals = [s[key] for s in self.layer_stats]
+        width = max(s["kept"].shape[1] for s in carry.layer_stats)
+        for key in carry.layer_stats[0]:
+            vals = [s[key] for s in carry.layer_stats]
             if key == "kept":
                 vals = [
                     jnp.pad(v, ((0, 0), (0, width - v.shape[1])), constant_values=-1) for v in vals

@@ -1,0 +1,62 @@
+"""The token sequence between decoder stages: hidden states, validity and positions.
+
+Shared by the model (which runs stages over it) and by whatever rewrites it at a stage
+boundary (the pruning in `sparsevlm_jax.sparse`), so neither has to import the other.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+Array = jax.Array
+
+
+@struct.dataclass
+class SeqState:
+    """The sequence between stages: x [B,L,D], valid [B,L], positions [B,L] int32.
+
+    L = P + vis_cap + T; the visual region is slots [P, P + vis_cap). `num_prefix` and
+    `vis_cap` are static (part of the compiled shape).
+    """
+
+    x: Array
+    valid: Array
+    positions: Array
+    num_prefix: int = struct.field(pytree_node=False)
+    vis_cap: int = struct.field(pytree_node=False)
+
+    @property
+    def num_text(self) -> int:
+        return self.x.shape[1] - self.num_prefix - self.vis_cap
+
+    @property
+    def vis_slice(self) -> slice:
+        return slice(self.num_prefix, self.num_prefix + self.vis_cap)
+
+    @property
+    def text_slice(self) -> slice:
+        return slice(self.num_prefix + self.vis_cap, None)
+
+
+def positions_from_valid(valid: Array) -> Array:
+    """Contiguous positions [B,L] over valid slots: the i-th valid slot gets position i."""
+    return jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1, 0)
+
+
+def last_text_index(state: SeqState) -> Array:
+    """[B] slot of each example's last valid token (the end of its text)."""
+    text_len = jnp.sum(state.valid[:, state.text_slice], axis=1)
+    return state.x.shape[1] - state.num_text + text_len - 1
+
+
+def next_position(state: SeqState) -> Array:
+    """[B] int32: the position of a token appended after the sequence (SPEC §5).
+
+    One past the largest position of a valid slot: the valid count when positions are
+    contiguous (dense, v1, v1.5, FastV), the original prompt length N when kept tokens keep
+    their original positions (v2.0), so decoding continues them.
+    """
+    pos = jnp.where(state.valid, state.positions, -1)
+    return (jnp.max(pos, axis=1) + 1).astype(jnp.int32)
