@@ -262,8 +262,8 @@ def run_demo(
         "\nvisual tokens: mean over decoder layers of the visual tokens each layer sees "
         "(recycled included). FLOPs: analytic prefill FLOPs (SPEC §8) vs dense. KV cache: "
         f"K+V bytes incl. room for {max_new_tokens} new tokens. 1st call: includes compilation. "
-        "prefill ms: second call; with capacity 'exact' the buffers keep their full size, so "
-        "on CPU the pruning shows in FLOPs, not yet in time."
+        "prefill ms: second call; v1 runs the bucketed capacity policy (each stage sized to "
+        "the batch's largest budget, rounded up to a bucket)."
     )
     if fast:
         echo(

@@ -20,7 +20,7 @@ from sparsevlm_jax.cli.models import (
     resolve_model,
 )
 from sparsevlm_jax.cli.options import check_generation_args
-from sparsevlm_jax.cli.report import format_stats, result_json
+from sparsevlm_jax.cli.report import describe_sparse, format_stats, result_json
 from sparsevlm_jax.cli.sparsity import sparse_from_args
 from sparsevlm_jax.config import LlavaConfig
 from sparsevlm_jax.errors import InputError
@@ -128,4 +128,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     if summary.accuracy is not None:
         print("\n".join(summary.accuracy.summary()))
+    print(compiled_line(describe_sparse(sparse)))
     return EXIT_OK
+
+
+def compiled_line(config: str) -> str:
+    """How many programs this process compiled: bounded by the buckets, not the questions."""
+    from sparsevlm_jax.generate import compile_counts
+
+    c = compile_counts()
+    return (
+        f"compiled programs ({config}): prefill {c['prefill']} fused + {c['prefill_stages']} "
+        f"stage programs (bucketed policy), decode {c['decode']}"
+    )
