@@ -1,4 +1,11 @@
-"""Calibrated capacities stored beside a checkpoint, and the default capacity policy they imply.
+"""Calibrated capacities: measured on a calibration set, stored beside a checkpoint, and the
+default capacity policy they imply.
+
+`calibrate` runs a method in `exact` mode over some inputs, records per pruning layer how many
+tokens were kept and recycled, and returns a `static` SparseConfig whose capacities hold a chosen
+percentile of what was observed. Inputs whose budget exceeds a capacity later report it as
+overflow (kept) or recycled_overflow (recycled) in the prefill statistics. It runs the prefill,
+so it lives here, above the pruning (`sparse/`) and the generation (`prefill`) it drives.
 
 `sparse_defaults.json` in a model directory (written by `sparsevlm calibrate`, or by
 `shapes_task.write_sparse_defaults` for the bundled model) holds SparseVLM v1's static
@@ -26,13 +33,19 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
+from sparsevlm_jax.config import LlavaConfig
 from sparsevlm_jax.errors import InputError
 from sparsevlm_jax.sparse.config import SparseConfig
+
+if TYPE_CHECKING:  # batch.py (like the prefill) imports JAX: only `calibrate` needs it
+    from sparsevlm_jax.batch import Batch
 
 SPARSE_DEFAULTS_FILE = "sparse_defaults.json"
 CALIBRATED_METHOD = "v1"  # the rank-adaptive method: the only one whose capacities vary
@@ -53,6 +66,41 @@ class Calibrated:
             capacities=self.capacities,
             recycled_capacities=self.recycled_capacities,
         )
+
+
+def calibrate(
+    params: dict,
+    cfg: LlavaConfig,
+    sparse: SparseConfig,
+    batches: Iterable[tuple[Batch, int]],
+    percentile: float = 100.0,
+) -> SparseConfig:
+    """A `static` copy of `sparse` with capacities from the observed kept / recycled counts.
+
+    Args:
+      batches: (batch, number of real rows) pairs, e.g. from `Processor.__call__`.
+      percentile: of the observed counts per layer (100 = never overflow on this set).
+    Returns:
+      `sparse` with capacity="static", capacities and recycled_capacities set (each >= 1).
+    """
+    from sparsevlm_jax.prefill import prefill_jit  # JAX: loaded only when calibrating
+
+    exact = sparse.replace(capacity="exact", capacities=(), recycled_capacities=())
+    kept, recycled = [], []
+    for batch, n in batches:
+        _, _, stats = prefill_jit(params, batch, cfg, exact, 1)
+        kept.append(np.asarray(stats["num_kept"])[:n])
+        recycled.append(np.asarray(stats["recycled"])[:n])
+    if not kept:
+        raise ValueError("calibration needs at least one batch")
+
+    def cap(counts: list[np.ndarray]) -> tuple[int, ...]:
+        values = np.percentile(np.concatenate(counts), percentile, axis=0, method="higher")
+        return tuple(max(int(v), 1) for v in values)
+
+    return sparse.replace(
+        capacity="static", capacities=cap(kept), recycled_capacities=cap(recycled)
+    )
 
 
 def sparse_defaults_path(model: str | os.PathLike) -> Path:
@@ -162,7 +210,7 @@ def write_sparse_defaults(
 ) -> Path:
     """Writes `sparse_defaults.json` into `model` atomically (temporary file + rename).
 
-    calibrated: named budget -> the `static` v1 config `sparse.calibrate.calibrate` returned.
+    calibrated: named budget -> the `static` v1 config `calibrate` returned.
     The file is replaced as a whole: it then holds exactly these budgets.
     """
     path = sparse_defaults_path(model)

@@ -452,8 +452,8 @@ def calibrate_model(
     pruning layers; returns {budget: `static` SparseConfig}, which
     `calibrated.write_sparse_defaults` stores as `sparse_defaults.json` beside the model.
     """
+    from sparsevlm_jax.calibrated import calibrate
     from sparsevlm_jax.checkpoint import load
-    from sparsevlm_jax.sparse.calibrate import calibrate
     from sparsevlm_jax.sparse.config import SparseConfig
 
     params, cfg = load(model)

@@ -6,6 +6,10 @@ run). `import a.b` is an edge to `a.b`; `from a import b` to the submodule `a.b`
 one, else to `a` (its `__init__`); relative imports are resolved against the importing
 module's package. The parent packages that Python initialises on the way are not edges: a
 module's `__init__` may re-export from its submodules.
+
+The same graph checks the layers (`STACKS`): model -> pruning -> generation -> pipeline ->
+commands, and checkpoint format -> conversion. No module imports, directly or through other
+modules, a module of a layer above its own.
 """
 
 from __future__ import annotations
@@ -18,6 +22,32 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("sparsevlm_jax", "convert")
 
 Edge = tuple[str, str]  # (importer, imported)
+Layers = tuple[tuple[str, tuple[str, ...]], ...]  # bottom up: (layer name, module prefixes)
+
+# The layers of each stack, bottom up. A module may import its own layer and those below, never
+# a layer above, not even through modules outside the table (those, e.g. config, batch,
+# processing, shapes_task, are otherwise free). A prefix names a module and its submodules.
+STACKS: dict[str, Layers] = {
+    "inference": (
+        ("model", ("sparsevlm_jax.model",)),
+        ("pruning", ("sparsevlm_jax.sparse",)),
+        ("generation", ("sparsevlm_jax.prefill", "sparsevlm_jax.generate")),
+        ("pipeline", ("sparsevlm_jax.calibrated", "sparsevlm_jax.pipeline")),
+        (
+            "commands",
+            (
+                "sparsevlm_jax.cli",
+                "sparsevlm_jax.eval",
+                "sparsevlm_jax.demo",
+                "sparsevlm_jax.bench",
+            ),
+        ),
+    ),
+    "checkpoints": (
+        ("format", ("sparsevlm_jax.checkpoint",)),
+        ("conversion", ("convert",)),
+    ),
+}
 
 
 def module_files() -> dict[str, Path]:
@@ -185,6 +215,59 @@ def describe_cycles(graph: dict[str, set[str]], lines: dict[Edge, list[int]]) ->
     return out
 
 
+def layer_of(module: str, layers: Layers) -> tuple[int, str] | None:
+    """(index from the bottom, name) of the layer holding `module`, or None."""
+    for i, (name, prefixes) in enumerate(layers):
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return i, name
+    return None
+
+
+def reached_above(
+    graph: dict[str, set[str]], module: str, layers: Layers
+) -> Iterator[tuple[list[str], str]]:
+    """(import chain [module, ..., m], m's layer) for each module m of a layer above `module`'s
+    that `module` reaches (breadth-first: shortest chains; not searched past such an m)."""
+    own = layer_of(module, layers)
+    if own is None:
+        return
+    previous: dict[str, str] = {module: module}
+    frontier = [module]
+    while frontier:
+        nxt = []
+        for node in frontier:
+            for child in sorted(graph[node] - previous.keys()):
+                previous[child] = node
+                theirs = layer_of(child, layers)
+                if theirs is None or theirs[0] <= own[0]:
+                    nxt.append(child)
+                    continue
+                chain = [child]
+                while chain[-1] != module:
+                    chain.append(previous[chain[-1]])
+                yield chain[::-1], theirs[1]
+        frontier = nxt
+
+
+def layer_violations(
+    graph: dict[str, set[str]], lines: dict[Edge, list[int]], stacks: dict[str, Layers]
+) -> list[str]:
+    """One line per (module, module of a higher layer it reaches), with the import chain:
+    `[stack] a (model) -> b (line 3 of a) -> c (pruning: line 7 of b)`."""
+    out = []
+    for stack, layers in stacks.items():
+        for module in sorted(graph):
+            for chain, above in reached_above(graph, module, layers):
+                steps = [
+                    f"{b} (line {','.join(map(str, lines[(a, b)]))} of {a})"
+                    for a, b in zip(chain, chain[1:], strict=False)
+                ]
+                steps[-1] = steps[-1].replace(" (", f" ({above}: ", 1)
+                _, own = layer_of(module, layers) or (0, "")
+                out.append(f"[{stack}] {module} ({own}) -> " + " -> ".join(steps))
+    return out
+
+
 def test_graph_sees_lazy_relative_and_submodule_imports():
     """The graph itself: known edges of this checkout are found (guards against an empty graph)."""
     graph, _ = import_graph()
@@ -232,3 +315,48 @@ def test_no_import_cycles():
     graph, lines = import_graph()
     cycles = describe_cycles(graph, lines)
     assert not cycles, "import cycles between modules:\n" + "\n".join(cycles)
+
+
+def test_layer_violations_follow_chains():
+    """A lower layer reaching a higher one through an unlayered module is caught, with the chain;
+    imports downwards and within a layer are not."""
+    layers: Layers = (("low", ("p.low",)), ("mid", ("p.mid",)), ("high", ("p.high",)))
+    lines = {
+        ("p.low.a", "p.low.b"): [1],
+        ("p.low.a", "p.util"): [2],
+        ("p.util", "p.high"): [3],
+        ("p.mid", "p.low.a"): [4],
+        ("p.high", "p.mid"): [5],
+        ("p.high", "p.util"): [6],
+    }
+    graph: dict[str, set[str]] = {
+        m: set() for m in ("p.low.a", "p.low.b", "p.util", "p.mid", "p.high")
+    }
+    for x, y in lines:
+        graph[x].add(y)
+    found = layer_violations(graph, lines, {"s": layers})
+    assert found == [
+        "[s] p.low.a (low) -> p.util (line 2 of p.low.a) -> p.high (high: line 3 of p.util)",
+        "[s] p.mid (mid) -> p.low.a (line 4 of p.mid) -> p.util (line 2 of p.low.a)"
+        " -> p.high (high: line 3 of p.util)",
+    ]
+    assert layer_of("p.lower", layers) is None and layer_of("p.low.x.y", layers) == (0, "low")
+
+
+def test_layer_table_names_existing_modules():
+    """Every prefix of `STACKS` names a module (a renamed one would silently pass otherwise)."""
+    modules = module_files()
+    missing = [
+        p
+        for layers in STACKS.values()
+        for _, prefixes in layers
+        for p in prefixes
+        if not any(m == p or m.startswith(p + ".") for m in modules)
+    ]
+    assert not missing, f"layer table names no module: {missing}"
+
+
+def test_layers_import_downwards_only():
+    graph, lines = import_graph()
+    found = layer_violations(graph, lines, STACKS)
+    assert not found, "imports from a lower layer into a higher one:\n" + "\n".join(found)

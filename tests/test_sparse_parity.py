@@ -302,7 +302,7 @@ def test_xla_counts_fewer_flops_for_static_prefill():
 
 
 def test_calibrated_static_capacities_reproduce_exact():
-    from sparsevlm_jax.sparse.calibrate import calibrate
+    from sparsevlm_jax.calibrated import calibrate
 
     _, params, cfg = model_and_params(0)
     rows = [0, 1, 2, 3]

@@ -70,8 +70,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from sparsevlm_jax import eval as ev
-    from sparsevlm_jax.calibrated import sparse_defaults_path, write_sparse_defaults
-    from sparsevlm_jax.sparse.calibrate import calibrate
+    from sparsevlm_jax.calibrated import calibrate, sparse_defaults_path, write_sparse_defaults
 
     check_calibrate_args(args)
     path = resolve_model(args.model)
