@@ -12,7 +12,7 @@ from pathlib import Path
 import jax
 
 from sparsevlm_jax.bench.report import markdown_flops, markdown_full, save_outputs, to_json
-from sparsevlm_jax.bench.runs import run_flops, run_full
+from sparsevlm_jax.bench.runs import DEADLINE_COMPILE_SHARE, run_flops, run_full
 from sparsevlm_jax.bench.targets import flops_targets, latency_targets
 from sparsevlm_jax.bench.timing import device_slug, prepare_environment
 from sparsevlm_jax.bench.workloads import (
@@ -57,10 +57,13 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="results directory "
                    "(default: benchmarks/results of the checkout)")  # fmt: skip
     p.add_argument("--no-save", action="store_true", help="write no files")
-    p.add_argument("--count", choices=("auto", "compiled", "lowered"), default="auto",
+    p.add_argument("--tag", default="", help="appended to the output files' names, e.g. "
+                   "llava-1.5-7b-gpu-part1.json with --tag part1")  # fmt: skip
+    p.add_argument("--count", choices=("auto", "compiled", "lowered", "none"), default="auto",
                    help="XLA FLOPs of the compiled or the lowered (pre-optimisation) program; "
                    "auto: compiled on CPU, lowered on accelerators (the unrolled counting "
-                   "programs take minutes to compile there)")  # fmt: skip
+                   "programs take minutes to compile there); none: no XLA count in a full run "
+                   "(`benchmarks/gpu_run.py --merge` counts later, on any machine)")  # fmt: skip
     p.add_argument("--count-dtype", default="float32", choices=("float32", "bfloat16"),
                    help="dtype of the counted program (%(default)s; see module docs)")  # fmt: skip
     p.add_argument("--methods", default="", help="comma-separated methods or labels, e.g. "
@@ -83,6 +86,10 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    "(identical weights); device = jax.random / torch init on the device; "
                    "host = init_params (auto: convert below 1B parameters)")  # fmt: skip
     t.add_argument("--seed", type=int, default=0, help="(%(default)s)")
+    t.add_argument("--deadline", type=float, default=0.0, metavar="SECONDS",
+                   help="time budget of the whole run: methods not yet compiled when "
+                   f"{DEADLINE_COMPILE_SHARE:.0%} of it has passed are skipped (and listed) so "
+                   "the timing rounds still fit (0 = none)")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--render", type=Path, metavar="JSON", help="recompute the targets and "
                    "rewrite a saved report's JSON, markdown and PNG; measures nothing")  # fmt: skip
@@ -129,6 +136,8 @@ def options_from_args(args: argparse.Namespace, count: str) -> Options:
         decode_repeat=args.decode_steps,
         ttft_repeat=args.ttft_repeat,
         compile_count=count == "compiled",
+        count_flops=count != "none",
+        deadline_s=args.deadline,
         torch=torch_on,
         torch_device=device,
         threads=args.threads,
@@ -171,16 +180,20 @@ def fast_compile_for_counting() -> bool:
     return True
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Parses `argv` (default: the command line) and runs the benchmark; the exit status."""
+def main(argv: Sequence[str] | None = None, extra: dict | None = None) -> int:
+    """Parses `argv` (default: the command line) and runs the benchmark; the exit status.
+    `extra` entries are added to the report (e.g. a driver script's probes)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    return run(build_parser().parse_args(argv), argv)
+    return run(build_parser().parse_args(argv), argv, extra)
 
 
-def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
+def run(
+    args: argparse.Namespace, argv: Sequence[str] | None = None, extra: dict | None = None
+) -> int:
     """Runs the benchmark for parsed arguments; returns the exit status (2: bad arguments).
 
-    `argv` is only recorded in the report (default: the process's command line).
+    `argv` is only recorded in the report (default: the process's command line); `extra`
+    entries are added to the report.
     """
     if argv is None:
         argv = [a for i, a in enumerate(sys.argv[1:]) if not (i == 0 and a == "bench")]
@@ -199,6 +212,9 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
     count = args.count
     if count == "auto":
         count = "compiled" if jax.default_backend() == "cpu" else "lowered"
+    if args.flops_only and count == "none":
+        print(f"{PROG}: error: --flops-only needs an XLA count (not --count none)", file=sys.stderr)
+        return 2
     wl = workload_from_args(args)
     if args.flops_only:
         report = run_flops(wl, count == "compiled", args.quiet, split_list(args.methods))
@@ -207,8 +223,11 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
     else:
         report = run_full(wl, options_from_args(args, count))
         stem = f"{wl.shape}-{device_slug()}"
+    if args.tag:
+        stem = f"{stem}-{args.tag}"
     report["command"] = " ".join([PROG, *argv])
     report["hardware"]["environment"] = env
+    report.update(extra or {})
     if not args.no_save:
         for path in save_outputs(report, args.out or default_out_dir(), stem):
             print(f"wrote {path}", file=sys.stderr)

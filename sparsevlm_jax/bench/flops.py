@@ -33,10 +33,10 @@ from sparsevlm_jax.batch import Batch
 from sparsevlm_jax.bench.workloads import Workload
 from sparsevlm_jax.config import LlavaConfig
 from sparsevlm_jax.flops import prefill_flops
-from sparsevlm_jax.generate import prefill_jit
 from sparsevlm_jax.model.clip import image_features
 from sparsevlm_jax.model.llava import KVCache, stage_bounds
 from sparsevlm_jax.params import abstract_params
+from sparsevlm_jax.prefill import prefill_jit
 from sparsevlm_jax.presets import abstract_batch
 from sparsevlm_jax.sparse.config import SparseConfig
 
@@ -51,7 +51,7 @@ def visual_slots_per_layer(cfg: LlavaConfig, sparse: SparseConfig) -> list[int]:
     plan = plan_capacities(sparse, v0)
     per_stage = [c.vis_in for c in plan] + [plan[-1].vis_out]
     out: list[int] = []
-    for s, (start, stop) in enumerate(stage_bounds(n, sparse)):
+    for s, (start, stop) in enumerate(stage_bounds(n, sparse.layers if sparse.enabled else ())):
         out += [per_stage[s]] * (stop - start)
     return out
 
@@ -136,22 +136,31 @@ def xla_vision_cost(wl: Workload, compile_: bool) -> dict[str, float]:
 
 
 def flops_report(
-    wl: Workload, prefill_cost: dict[str, float], vision: dict[str, float], tokens: dict
+    wl: Workload,
+    prefill_cost: dict[str, float] | None,
+    vision: dict[str, float] | None,
+    tokens: dict,
 ) -> dict[str, Any]:
-    """XLA vs ideal FLOPs of one method; waste = XLA decoder / ideal - 1."""
-    decoder = prefill_cost["flops"] - vision["flops"]
-    out: dict[str, Any] = {
-        "xla_total": prefill_cost["flops"],
-        "xla_vision": vision["flops"],
-        "xla_decoder": decoder,
-        "xla_total_lowered": prefill_cost["flops_lowered"],
-        "xla_decoder_lowered": prefill_cost["flops_lowered"] - vision["flops_lowered"],
-    }
+    """XLA vs ideal FLOPs of one method; waste = XLA decoder / ideal - 1. Without XLA counts
+    (`--count none`, both None) the XLA fields and the waste are None."""
+    if prefill_cost is None or vision is None:
+        keys = ("xla_total", "xla_vision", "xla_decoder", "xla_total_lowered")
+        out: dict[str, Any] = dict.fromkeys((*keys, "xla_decoder_lowered"))
+        decoder = None
+    else:
+        decoder = prefill_cost["flops"] - vision["flops"]
+        out = {
+            "xla_total": prefill_cost["flops"],
+            "xla_vision": vision["flops"],
+            "xla_decoder": decoder,
+            "xla_total_lowered": prefill_cost["flops_lowered"],
+            "xla_decoder_lowered": prefill_cost["flops_lowered"] - vision["flops_lowered"],
+        }
     out["ideal_uniform"] = tokens["ideal_uniform"]
     for kind in ("valid", "capacity", "padded"):
         ideal = tokens[f"ideal_{kind}"]
         out[f"ideal_{kind}"] = ideal
-        out[f"waste_vs_{kind}"] = decoder / ideal - 1.0
+        out[f"waste_vs_{kind}"] = None if decoder is None else decoder / ideal - 1.0
     out["padding_overhead"] = tokens["ideal_padded"] / tokens["ideal_capacity"] - 1.0
     out["unused_capacity_overhead"] = tokens["ideal_capacity"] / tokens["ideal_valid"] - 1.0
     return out
@@ -160,16 +169,15 @@ def flops_report(
 def add_reductions(results: list[dict[str, Any]]) -> None:
     """FLOPs ratios and reductions vs the dense entry (in place)."""
     dense = results[0]["flops"]
+    kinds = ("xla_total", "xla_decoder", "ideal_uniform", "ideal_valid", "ideal_padded")
     for r in results:
         f = r["flops"]
         r["flops_ratio"] = {
-            "xla_total": f["xla_total"] / dense["xla_total"],
-            "xla_decoder": f["xla_decoder"] / dense["xla_decoder"],
-            "ideal_uniform": f["ideal_uniform"] / dense["ideal_uniform"],
-            "ideal_valid": f["ideal_valid"] / dense["ideal_valid"],
-            "ideal_padded": f["ideal_padded"] / dense["ideal_padded"],
+            k: None if f[k] is None or dense[k] is None else f[k] / dense[k] for k in kinds
         }
-        r["flops_reduction"] = {k: 1.0 - v for k, v in r["flops_ratio"].items()}
+        r["flops_reduction"] = {
+            k: None if v is None else 1.0 - v for k, v in r["flops_ratio"].items()
+        }
 
 
 def kv_report(cache: KVCache, sparse: SparseConfig, cfg: LlavaConfig, max_new: int) -> dict:
@@ -178,7 +186,7 @@ def kv_report(cache: KVCache, sparse: SparseConfig, cfg: LlavaConfig, max_new: i
     `cache` holds arrays or ShapeDtypeStructs (e.g. a lowered program's `out_info`) of any
     dtype and decode room: only the layer counts, prompt lengths and head shapes are read.
     """
-    bounds = stage_bounds(cfg.text.num_hidden_layers, sparse)
+    bounds = stage_bounds(cfg.text.num_hidden_layers, sparse.layers if sparse.enabled else ())
     itemsize = jnp.dtype(cfg.dtype).itemsize
     stages, total, prompt_total = [], 0, 0
     for (start, stop), kv, prompt in zip(bounds, cache.kv, cache.prefill_len, strict=True):

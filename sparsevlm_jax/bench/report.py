@@ -34,13 +34,23 @@ def to_json(report: dict[str, Any]) -> str:
     return json.dumps(jsonable(report), indent=1) + "\n"
 
 
-def _t(x: float) -> str:
+def _t(x: float | None) -> str:
     """FLOPs in TFLOPs (or GFLOPs when small)."""
+    if x is None:
+        return "–"
     return f"{x / 1e12:.3f} T" if x >= 1e11 else f"{x / 1e9:.2f} G"
 
 
 def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:+.1f}%"
+
+
+def _pct0(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}%"
+
+
+def _r(x: float | None) -> str:
+    return "–" if x is None else f"{x:.3f}"
 
 
 def _ms(t: dict[str, Any] | None) -> str:
@@ -103,7 +113,7 @@ def markdown_flops_table(entries: list[dict[str, Any]]) -> list[str]:
             f"| {stage_summary(e['visual_tokens_per_layer'])} ({e['mean_visual_processed']:.1f}) "
             f"| {_t(f['xla_decoder'])} | {_t(f['ideal_uniform'])} | {_t(f['ideal_valid'])} "
             f"| {_t(f['ideal_padded'])} | {_pct(f['waste_vs_valid'])} "
-            f"| {_pct(f['waste_vs_padded'])} | {100 * r['xla_decoder']:.1f}% "
+            f"| {_pct(f['waste_vs_padded'])} | {_pct0(r['xla_decoder'])} "
             f"| {100 * r['ideal_uniform']:.1f}% | {100 * r['ideal_valid']:.1f}% "
             f"| {100 * r['ideal_padded']:.1f}% |"
         )
@@ -115,7 +125,7 @@ def markdown_flops_table(entries: list[dict[str, Any]]) -> list[str]:
         "slot of the compiled program (bucket padding of prefix and text; unused capacity). "
         "waste = XLA decoder FLOPs / ideal − 1: against *padded* it is the non-matmul work "
         "(pruning, norms, softmax, logits). XLA decoder = whole prefill − vision tower "
-        f"({_t(entries[0]['flops']['xla_vision'])}).",
+        f"({_t(entries[0]['flops']['xla_vision'])}); – = not counted (`--count none`).",
         "",
     ]
     return lines
@@ -215,7 +225,7 @@ def markdown_ratio_table(entries: list[dict[str, Any]]) -> list[str]:
             return "–" if key not in r else f"{r[key]:.3f}"
 
         lines.append(
-            f"| {e['label']} | {fr['xla_total']:.3f} | {fr['ideal_valid']:.3f} "
+            f"| {e['label']} | {_r(fr['xla_total'])} | {fr['ideal_valid']:.3f} "
             f"| {x('prefill_latency_ratio')} | {_pct(r.get('latency_vs_xla_total_flops'))} "
             f"| {x('torch_over_jax_prefill')} | {x('torch_matched_over_jax_prefill')} |"
         )
@@ -224,13 +234,14 @@ def markdown_ratio_table(entries: list[dict[str, Any]]) -> list[str]:
 
 def markdown_pruning(entries: list[dict[str, Any]]) -> list[str]:
     lines = [
-        "| method | JAX rank | JAX budget | JAX kept (static cap.) | JAX recycled | overflow "
+        "| method | JAX rank | JAX budget | JAX kept (capacities) | JAX recycled | overflow "
         "| reference rank | reference budget | reference recycled |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for e in entries[1:]:
         p, ref = e["pruning"], e["torch"].get("torch", {})
-        caps = e["sparse_config"].get("capacities") or []
+        caps = (e.get("capacity") or {}).get("capacities")
+        caps = caps or e["sparse_config"].get("capacities") or []
         lines.append(
             f"| {e['label']} | {p.get('rank', '–')} | {p.get('budget', '–')} "
             f"| {p.get('num_kept', '–')} ({caps}) | {p.get('recycled', '–')} "
@@ -238,6 +249,40 @@ def markdown_pruning(entries: list[dict[str, Any]]) -> list[str]:
             f"| {ref.get('recycled', '–')} |"
         )
     return lines + [""]
+
+
+def markdown_runs(report: dict[str, Any]) -> list[str]:
+    """Parts of a merged run, methods skipped for time and the attention probe, if any."""
+    lines: list[str] = []
+    for part in report.get("parts", []):
+        dense = _ms(part.get("dense_jax_prefill"))
+        wall = part.get("wall_s")
+        lines.append(
+            f"- Part {part['part']}: `{part['command']}` at {part['created']}"
+            + (f", {wall:.0f} s" if wall is not None else "")
+            + f"; methods {', '.join(part['labels'])}; its dense JAX prefill {dense} ms "
+            "(each part's ratios use its own dense run)."
+        )
+    if report.get("skipped_for_time"):
+        lines.append(
+            f"- Not measured for lack of time: {', '.join(report['skipped_for_time'])} "
+            "(rerun them with `--methods`)."
+        )
+    probes = [p.get("attention_probe") for p in report.get("parts", [])]
+    probes = [p for p in probes if p] or [report.get("attention_probe")]
+    for probe in probes:
+        if not probe:
+            continue
+        ms = ", ".join(f"{k} {v:.3f} ms" for k, v in probe["ms"].items())
+        diff = ", ".join(f"{k} {v:.2g}" for k, v in probe["max_abs_diff_vs_xla_full_mask"].items())
+        errors = "; ".join(f"{k}: {v}" for k, v in probe["errors"].items())
+        lines.append(
+            f"- Attention probe ({probe['dtype']}, [B, T, N, K, H] = {probe['shape']}): {ms}; "
+            f"max |diff| vs the full-mask softmax {diff}"
+            + (f"; errors: {errors}" if errors else "")
+            + f"; prefill attention used: `SPARSEVLM_ATTENTION={probe.get('chosen', 'auto')}`."
+        )
+    return lines + ([""] if lines else [])
 
 
 def markdown_full(report: dict[str, Any]) -> str:
@@ -254,6 +299,7 @@ def markdown_full(report: dict[str, Any]) -> str:
         + f"). Load average at the end: {hw['load_average_end'][0]:.2f} "
         "(timings on a shared machine are noisy: compare medians and minima).",
         "",
+        *markdown_runs(report),
         "## Latency, compile time, memory",
         "",
     ]

@@ -6,6 +6,7 @@ import dataclasses
 import datetime
 import math
 import os
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -49,6 +50,9 @@ from sparsevlm_jax.flops import CONVENTION
 from sparsevlm_jax.params import flatten, init_params, param_shapes
 
 SCHEMA = "sparsevlm-bench/1"
+# With a deadline, no new method is compiled once this share of it has passed: the rest of
+# the time is for the timing rounds (all methods' compiled programs are timed together).
+DEADLINE_COMPILE_SHARE = 0.6
 
 
 def report_header(
@@ -66,7 +70,8 @@ def report_header(
             "source": "compiled" if compile_ else "lowered",
             "dtype": wl.count_dtype,
             "how": "prefill_jit lowered with unroll_layers=True and abstract weights; "
-            "decoder = prefill - vision tower (image_features lowered alone)",
+            "decoder = prefill - vision tower (image_features lowered alone); a bucketed "
+            "run is counted on the static program with the capacities it chose",
         },
     }
 
@@ -129,6 +134,7 @@ def run_full(wl: Workload, opts: Options) -> dict[str, Any]:
     PyTorch, on the default device."""
     from tqdm.auto import tqdm
 
+    started = time.monotonic()
     load_start = list(os.getloadavg())
     blas = limit_blas_threads(opts.blas_threads or usable_cores())
     if opts.torch:
@@ -138,10 +144,11 @@ def run_full(wl: Workload, opts: Options) -> dict[str, Any]:
     model, params, wl, init = build_models(wl, opts)
     prefix, text = prompt_ids(wl, opts.seed)
     pixels = random_pixels(wl.cfg, opts.seed)
-    batch_host, _ = make_batch([prefix], [text], pixels)
-    vision = xla_vision_cost(wl, opts.compile_count)
+    batch_host, _ = make_batch([prefix], [text], pixels, wl.buckets)
+    vision = xla_vision_cost(wl, opts.compile_count) if opts.count_flops else None
 
     entries: list[dict[str, Any]] = []
+    skipped: list[str] = []
     prefill_fns: dict[str, Callable[[], Any]] = {}
     ttft_fns: dict[str, Callable[[], Any]] = {}
     decode_fns: dict[str, Callable[[], Any]] = {}
@@ -150,15 +157,23 @@ def run_full(wl: Workload, opts: Options) -> dict[str, Any]:
         ids, pix = torch_inputs(wl, prefix, text, pixels, opts.torch_device)
     for method, budget in tqdm(method_list(opts.methods), desc="compile", disable=opts.quiet):
         label = method_label(method, budget)
-        sparse = bench_sparse_config(method, budget, wl.cfg)
+        elapsed = time.monotonic() - started
+        if entries and opts.deadline_s and elapsed > DEADLINE_COMPILE_SHARE * opts.deadline_s:
+            skipped.append(label)
+            continue
+        sparse = bench_sparse_config(method, budget, wl.cfg, static=False)
         jm = JaxMethod(params, wl, sparse, batch_host)
-        cost, _ = xla_prefill_cost(wl, sparse, opts.compile_count)
-        tokens = token_report(wl, sparse, jm.visual_valid())
+        cost = None
+        if opts.count_flops:
+            cost, _ = xla_prefill_cost(wl, jm.counted_sparse, opts.compile_count)
+        tokens = token_report(wl, jm.counted_sparse, jm.visual_valid())
         entry: dict[str, Any] = {
             "method": method,
             "budget": budget,
             "label": label,
             "sparse_config": sparse_to_json(sparse),
+            "counted_config": sparse_to_json(jm.counted_sparse),
+            "capacity": None if jm.capacity is None else jm.capacity.to_dict(),
             **tokens,
             "flops": flops_report(wl, cost, vision, tokens),
             "pruning": jm.pruning_stats(),
@@ -198,6 +213,10 @@ def run_full(wl: Workload, opts: Options) -> dict[str, Any]:
         "vision_count": vision,
         "results": entries,
     }
+    if not opts.count_flops:
+        report["xla_count"]["source"] = "none (counted later: benchmarks/gpu_run.py --merge)"
+    report["skipped_for_time"] = skipped
+    report["wall_s"] = time.monotonic() - started
     report["hardware"]["load_average_start"] = load_start
     report["hardware"]["load_average_end"] = list(os.getloadavg())
     report["hardware"]["openblas_threads_set"] = blas
