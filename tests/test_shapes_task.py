@@ -160,7 +160,9 @@ def test_old_test_sets_are_refused(tmp_path) -> None:
 
 def test_write_test_cli_defaults_to_a_v2_directory(tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.chdir(tmp_path)
-    assert st.main(["write-test", "--images", "2"]) == 0
+    from sparsevlm_jax.shapes_task.__main__ import main
+
+    assert main(["write-test", "--images", "2"]) == 0
     assert (tmp_path / "shapes-v2-test" / "questions.jsonl").is_file()
     assert "shapes-v2" in capsys.readouterr().out
 

@@ -18,7 +18,6 @@ from sparsevlm_jax.checkpoint import load
 from sparsevlm_jax.model.llava import prefill
 from sparsevlm_jax.params import init_params
 from sparsevlm_jax.processing import Processor
-from sparsevlm_jax.sparse.config import SparseConfig
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +41,7 @@ def test_packed_blocks_equal_lone_prompts(tiny) -> None:
             ids = pb.block_ids[r, j][pb.block_valid[r, j]]
             text = [int(i) for i in ids[:-2]]  # drop the answer and EOS
             batch, _ = make_batch([list(pb.prefix_ids)], [text], pb.pixel_values[r : r + 1])
-            want, _, _ = prefill(params, cfg, SparseConfig(), batch, 1)
+            want, _ = prefill(params, cfg, batch, 1)
             got = logits[r, j, len(text) - 1]
             np.testing.assert_allclose(np.asarray(got), np.asarray(want[0]), atol=1e-4)
 

@@ -1,7 +1,7 @@
 """`sparsevlm calibrate`: v1's static capacities from the user's questions, stored beside the model.
 
 For each named budget, SparseVLM v1 runs `exact` over the first N questions
-(`sparse.calibrate.calibrate`); the capacities hold the chosen percentile of the kept and
+(`calibrated.calibrate`); the capacities hold the chosen percentile of the kept and
 recycled counts seen per pruning layer. They are written to `sparse_defaults.json` in the
 model directory (atomically, replacing the file), where `generate`, `eval`, `visualize` and
 `demo` pick them up as v1's default static capacities (`sparsevlm_jax.calibrated`).

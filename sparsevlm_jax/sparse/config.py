@@ -33,7 +33,7 @@ V20_SCHEDULES: dict[int, tuple[int, ...]] = {
 }
 # Static buffer shapes for v1 on LLaVA-1.5-7B when no calibration set is at hand (benchmarks
 # with random weights): the v1.5 schedules of the same budget, the 4th layer keeping what the
-# 3rd kept. Calibrate (`sparsevlm_jax.sparse.calibrate`) for real workloads.
+# 3rd kept. Calibrate (`sparsevlm calibrate`, `sparsevlm_jax.calibrated`) for real workloads.
 V1_STATIC_SHAPES_7B: dict[int, tuple[int, ...]] = {
     192: (300, 200, 110, 110),
     128: (303, 110, 36, 36),
