@@ -88,8 +88,8 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0, help="(%(default)s)")
     t.add_argument("--deadline", type=float, default=0.0, metavar="SECONDS",
                    help="time budget of the whole run: methods not yet compiled when "
-                   f"{DEADLINE_COMPILE_SHARE:.0%} of it has passed are skipped (and listed) so "
-                   "the timing rounds still fit (0 = none)")  # fmt: skip
+                   f"{round(100 * DEADLINE_COMPILE_SHARE)}%% of it has passed are skipped "
+                   "(and listed) so the timing rounds still fit (0 = none)")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--render", type=Path, metavar="JSON", help="recompute the targets and "
                    "rewrite a saved report's JSON, markdown and PNG; measures nothing")  # fmt: skip
