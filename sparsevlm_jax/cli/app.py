@@ -54,7 +54,8 @@ demo take v1's static capacities by default (when its budget and pruning layers 
       --sparse v1 --budget 192 --out kept.png""",
     "info": """examples:
   sparsevlm info llava-7b-jax
-  sparsevlm info llava-hf/llava-1.5-7b-hf""",
+  sparsevlm info llava-hf/llava-1.5-7b-hf
+  sparsevlm info llava-13b-jax --mesh data=1,model=8""",
     "bench": """examples:
   sparsevlm bench --shape llava-1.5-7b --flops-only --json
   sparsevlm bench --shape mini
@@ -164,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = command("info", "summarise a checkpoint without loading its weights", info.cmd_info)
     i.add_argument("checkpoint", metavar="CKPT", help="checkpoint or transformers directory")
     i.add_argument("--clip", metavar="DIR", help="CLIP directory, for original LLaVA checkpoints")
+    info.add_mesh_arg(i)
 
     # Listed here for `sparsevlm --help`; `main` hands `sparsevlm bench ARGS` to the
     # benchmark's own parser before this parser sees it.

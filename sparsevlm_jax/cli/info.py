@@ -92,10 +92,32 @@ def _itemsize(name: str) -> int:
         return 0
 
 
+def add_mesh_arg(p: argparse.ArgumentParser) -> None:
+    """`info --mesh data=N,model=M`: how the model would be laid out over devices."""
+    p.add_argument(
+        "--mesh",
+        metavar="data=N,model=M",
+        help="also print every tensor's layout on such a mesh with its bytes per device "
+        "(no devices needed; a missing axis is 1)",
+    )
+
+
 def cmd_info(args: argparse.Namespace) -> int:
-    """Prints `format_info` for a checkpoint or source directory (no weights read)."""
+    """Prints `format_info` for a checkpoint or source directory (no weights read), and with
+    `--mesh` the layout table of `sparsevlm_jax.sharding.format_layout`."""
     path = resolve_model(args.checkpoint)
     cfg = model_config(path, args.clip)
+    mesh = None
+    if getattr(args, "mesh", None) is not None:
+        from sparsevlm_jax.sharding import param_layouts, parse_mesh
+
+        mesh = parse_mesh(args.mesh)
+        param_layouts(cfg, mesh)  # a mesh the heads do not fit fails before any output
     arrays, kind = model_arrays(path, cfg)
     print(format_info(path, cfg, arrays, kind))
+    if mesh is not None:
+        from sparsevlm_jax.sharding import format_layout
+
+        print()
+        print(format_layout(cfg, mesh, {k: dt for k, (_, dt) in arrays.items()}))
     return EXIT_OK
