@@ -24,16 +24,15 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {
-    "default": "",
+    "default": "",  # jax 0.10.2: dots, reductions and elementwise ops in YNNPACK fusions
+    "no-ynn": "--xla_cpu_experimental_ynn_fusion_type=",  # XLA's own emitters, Eigen dots
+    "no-ynn-one-thread": "--xla_cpu_experimental_ynn_fusion_type= "
+    "--xla_cpu_multi_thread_eigen=false",
+    "ynn-dot-only": "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
     "no-eigen-threads": "--xla_cpu_multi_thread_eigen=false",
     "legacy-runtime": "--xla_cpu_use_thunk_runtime=false",
-    "xnnpack": "--xla_cpu_use_xnnpack=true",
-    "ynn-dot": "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
-    "xnn-dot": "--xla_cpu_experimental_xnn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
-    "onednn": "--xla_cpu_use_onednn=true",
-    "onednn-custom-call": "--xla_cpu_use_onednn=true"
-    " --xla_cpu_experimental_onednn_custom_call=true",
     "concurrency-scheduler": "--xla_cpu_enable_concurrency_optimized_scheduler=true",
+    "onednn": "--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_custom_call=true",
 }
 
 

@@ -81,3 +81,18 @@ def test_attention_implementation_choice(monkeypatch):
     monkeypatch.setenv("SPARSEVLM_ATTENTION", "nope")
     with pytest.raises(ValueError):
         llama.attention_implementation(jnp.float32, 64)
+
+
+def test_attend_matches_numpy_softmax():
+    q, k, v, valid = random_qkv(b=1, t=40, n=4, k=2, h=8, seed=3)
+    out = np.asarray(llama.attend(q, k, v, llama.causal_mask(valid)))
+    qn, kn, vn, m = (np.asarray(x, np.float64) for x in (q, k, v, valid))
+    kn, vn = np.repeat(kn, 2, axis=2), np.repeat(vn, 2, axis=2)  # grouped-query heads
+    s = np.einsum("btnh,bsnh->bnts", qn, kn) / np.sqrt(8)
+    allowed = np.tril(np.ones((40, 40), bool))[None, None] & m.astype(bool)[:, None, None]
+    s = np.where(allowed, s, -np.inf)
+    with np.errstate(invalid="ignore"):  # rows of invalid slots: no valid key at all
+        p = np.exp(s - s.max(-1, keepdims=True))
+        ref = np.einsum("bnts,bsnh->btnh", p / p.sum(-1, keepdims=True), vn).reshape(1, 40, 32)
+    rows = np.asarray(valid)
+    np.testing.assert_allclose(out[rows], ref[rows], atol=2e-6)

@@ -125,9 +125,26 @@ def attend(q: Array, k: Array, v: Array, mask: Array | CausalMask) -> Array:
     if isinstance(mask, CausalMask):
         return causal_attend(q, k, v, mask)
     b, t, n, h = q.shape
-    probs = attention_probs(q, k, mask).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
-    return out.reshape(b, t, n * h)
+    if not DEFERRED_NORMALIZATION:
+        probs = attention_probs(q, k, mask).astype(v.dtype)
+        out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+        return out.reshape(b, t, n * h)
+    # The softmax's division moves after the product with the values: one pass less over
+    # the [T, S] weights (the division then touches [T, H]); the same result up to rounding.
+    kh = k.shape[2]
+    qg = q.reshape(b, t, kh, n // kh, h)
+    scores = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask[:, None, None], scores / math.sqrt(h), NEG_INF)
+    weights = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+    total = jnp.sum(weights, axis=-1)  # [B,K,G,T], >= 1
+    out = jnp.einsum(
+        "bkgts,bskh->bkgth", weights.astype(v.dtype), v, preferred_element_type=jnp.float32
+    )
+    out = (out / total[..., None]).astype(v.dtype)
+    return jnp.moveaxis(out, 3, 1).reshape(b, t, n * h)
+
+
+DEFERRED_NORMALIZATION = True
 
 
 # Query blocks of the prefill attention. On two CPU cores (mini shape, 640 slots) 4 blocks
