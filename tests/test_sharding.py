@@ -1,8 +1,22 @@
-"""Meshes and the sharding rule table (`sparsevlm_jax.sharding`): parsing, the table,
-`sparsevlm info --mesh`."""
+"""Meshes and the sharding rule table (`sparsevlm_jax.sharding`).
+
+The multi-device checks run in ONE subprocess on 8 forced CPU host devices
+(`sharding_worker.py`; the device count must be set before jax initialises, and this process
+already has one device): meshes data x model = 8x1, 4x2, 2x4, 1x8 against the unsharded run,
+dense and every pruning method (v1 under the bucketed and exact policies; the random
+baseline on 2x4 only), a batch of 8:
+kept indices, recycled counts (every pruning statistic) and greedy tokens identical, logits
+within 1e-5 (float32), no recompilation on a repeated call, parameters laid out as the rule
+table says, KV caches over batch and heads, and no split weight gathered whole in the
+compiled programs. The rest (parsing, the table, `sparsevlm info --mesh`) runs here.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +25,62 @@ from sparsevlm_jax import sharding as sh
 from sparsevlm_jax.config import ConfigError, LlavaConfig, TextConfig, VisionConfig
 from sparsevlm_jax.errors import InputError
 from sparsevlm_jax.params import flatten, param_shapes
+
+WORKER = Path(__file__).with_name("sharding_worker.py")
+MESHES = ("8x1", "4x2", "2x4", "1x8")
+
+
+@pytest.fixture(scope="module")
+def worker() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env["JAX_PLATFORMS"] = "cpu"
+    proc = subprocess.run(
+        [sys.executable, str(WORKER)], capture_output=True, text=True, env=env, timeout=1800
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_parameters_follow_the_rule_table(worker):
+    assert set(worker["params"]) == set(MESHES)
+    for mesh, mismatches in worker["params"].items():
+        assert mismatches == [], mesh
+
+
+@pytest.mark.parametrize(
+    "config", ["dense", "v1_bucketed", "v1_exact", "v1_5", "v2_0", "fastv", "random"]
+)
+def test_every_mesh_decides_and_decodes_like_one_device(worker, config):
+    runs = worker["runs"][config]
+    single = runs["single"]
+    if config != "dense":  # the case must prune (and v1 / v1.5 recycle) to mean anything
+        kept = [row[0] for row in single["stats"]["num_kept"]]
+        assert max(kept) < 64, kept
+        if config.startswith("v1"):
+            assert max(max(row) for row in single["stats"]["recycled"]) > 0
+    for mesh in MESHES if config != "random" else ["2x4"]:  # sharding_worker.ONE_MESH
+        run = runs[mesh]
+        assert run["tokens"] == single["tokens"], mesh
+        assert run["stats"] == single["stats"], mesh  # kept, recycled, ranks, budgets, ...
+        assert run["logits_diff"] <= 1e-5, (mesh, run["logits_diff"])
+        assert run["repeat_equal"], mesh
+        assert not any(run["recompiles"].values()), (mesh, run["recompiles"])
+        # KV caches [L, B, S, K, H]: batch over data, KV heads over model.
+        data, model = map(int, mesh.split("x"))
+        for full, shard in run["kv_shards"]:
+            want = [full[0], full[1] // data, full[2], full[3] // model, full[4]]
+            assert shard == want, (mesh, full, shard)
+
+
+def test_no_split_weight_is_gathered_whole(worker):
+    assert worker["hlo"], "no programs were checked"
+    for program, gathered in worker["hlo"].items():
+        assert gathered == [], program
+    assert worker["control"], "the check does not see a weight gathered on purpose"
+
+
+# ------------------------------------------------------------------------------------------
+# In this process: parsing, the table, errors
 
 
 def tiny(heads: int = 8, kv_heads: int = 8, vision_heads: int = 8, vocab: int = 512):

@@ -32,6 +32,7 @@ from sparsevlm_jax.model.sequence import (
     next_position,
     positions_from_valid,
 )
+from sparsevlm_jax.sharding import HEADS, HIDDEN, KV_CACHE, constrain
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -96,7 +97,7 @@ def embed_inputs(params: Params, cfg: LlavaConfig, batch: Batch) -> SeqState:
     text = jnp.take(table, batch.text_ids, axis=0).astype(dtype)
     image = image_features(params, cfg, batch.pixel_values).astype(dtype)
     b, v0 = image.shape[0], image.shape[1]
-    x = jnp.concatenate([prefix, image, text], axis=1)
+    x = constrain(jnp.concatenate([prefix, image, text], axis=1), HIDDEN)  # sharding.py
     valid = jnp.concatenate(
         [batch.prefix_mask.astype(bool), jnp.ones((b, v0), bool), batch.text_mask.astype(bool)], 1
     )
@@ -136,12 +137,15 @@ def run_stage(
         unroll=cfg.unroll_layers,
     )
     pad = ((0, 0), (0, 0), (0, max_new_tokens), (0, 0), (0, 0))
+    # Layouts under a mesh (`sparsevlm_jax.sharding`; no-ops without one).
+    x, k_last = constrain(x, HIDDEN), constrain(kv.k[-1], HEADS)
+    q_tail = None if q_tail is None else constrain(q_tail, HEADS)
     cache = StageCache(
-        llama.KV(jnp.pad(kv.k, pad), jnp.pad(kv.v, pad)),
+        llama.KV(constrain(jnp.pad(kv.k, pad), KV_CACHE), constrain(jnp.pad(kv.v, pad), KV_CACHE)),
         jnp.pad(state.valid, ((0, 0), (0, max_new_tokens))),
         next_position(state),
     )
-    return state.replace(x=x), cache, q_tail, kv.k[-1]
+    return state.replace(x=x), cache, q_tail, k_last
 
 
 def final_logits(params: Params, cfg: LlavaConfig, state: SeqState, all_logits: bool) -> Array:
@@ -201,7 +205,7 @@ def decode_step(params: Params, cfg: LlavaConfig, cache: KVCache, tokens: Array)
     tcfg = cfg.text
     layers = params["text"]["layers"]
     x = jnp.take(params["text"]["embed_tokens"], tokens, axis=0).astype(jnp.dtype(cfg.dtype))
-    x = x[:, None]
+    x = constrain(x[:, None], HIDDEN)  # sharding.py
     kvs, valids, positions = [], [], []
     start = 0
     for s, kv in enumerate(cache.kv):
@@ -211,7 +215,7 @@ def decode_step(params: Params, cfg: LlavaConfig, cache: KVCache, tokens: Array)
         )
         pos = cache.position[s][:, None]
         x, kv = llama.decode_stage(layers, tcfg, start, x, pos, kv, valid, slot, cfg.unroll_layers)
-        kvs.append(kv)
+        kvs.append(llama.KV(constrain(kv.k, KV_CACHE), constrain(kv.v, KV_CACHE)))  # sharding.py
         valids.append(valid)
         positions.append(cache.position[s] + 1)
         start += kv.k.shape[0]

@@ -24,6 +24,7 @@ from sparsevlm_jax.config import ConfigError, LlavaConfig, TextConfig
 from sparsevlm_jax.flops import prefill_flops
 from sparsevlm_jax.model import llama
 from sparsevlm_jax.model.sequence import SeqState, positions_from_valid
+from sparsevlm_jax.sharding import PER_HEAD_ROWS, SMALL, constrain
 from sparsevlm_jax.sparse.common import descending_order
 from sparsevlm_jax.sparse.config import SparseConfig, v2_num_heads
 from sparsevlm_jax.sparse.rank import budget_table, fixed_budget, matrix_rank, rank_budget
@@ -113,9 +114,15 @@ def top_heads_mean(per_head: Array, raters: Array, vis_mask: Array, n_sel: int) 
     """Mean over the n_sel heads with the largest rater-to-visual mass (ties: lower head).
 
     per_head [B, N, T, V] -> [B, T, V].
+
+    Under a mesh (`sparsevlm_jax.sharding`) per_head's heads are split over "model"; each
+    device sums its heads' masses and the small [B, N] array of every head's mass is
+    replicated over "model", so all devices rank all heads and choose the same ones; each then
+    sums its own chosen heads and the sum over "model" (an all-reduce of [B, T, V]) gives the
+    mean, replicated like the other small pruning arrays.
     """
     pair = raters[:, None, :, None] & vis_mask[:, None, None, :]
-    mass = jnp.sum(jnp.where(pair, per_head, 0.0), axis=(2, 3))  # [B, N]
+    mass = constrain(jnp.sum(jnp.where(pair, per_head, 0.0), axis=(2, 3)), SMALL)  # [B, N]
     order = descending_order(mass, jnp.ones_like(mass, bool))
     chosen = jnp.zeros_like(mass, bool)
     chosen = jnp.put_along_axis(chosen, order[:, :n_sel], True, axis=1, inplace=False)
@@ -200,6 +207,7 @@ class Pruner:
         vis_mask = state.valid[:, state.vis_slice]
         n_vis = jnp.sum(vis_mask, axis=1).astype(jnp.int32)
         per_head = text_row_attention(q_text, k_all, state.valid)[..., state.vis_slice]
+        per_head = constrain(per_head, PER_HEAD_ROWS)  # heads stay where they were computed
         scores, rank = self.score(i, carry, state, per_head, vis_mask)
         budget = self.budget(i, rank, n_vis, per_head.shape[2], state.vis_cap)
         n_keep = jnp.minimum(jnp.maximum(budget, 0), n_vis).astype(jnp.int32)
@@ -267,7 +275,8 @@ class Pruner:
         no_rank = jnp.zeros((b,), jnp.int32)
         if sp.method == "fastv":  # the last prompt token's head-averaged attention
             last = jnp.sum(carry.text_mask, axis=1) - 1
-            row = jnp.take_along_axis(jnp.mean(per_head, axis=1), last[:, None, None], axis=1)
+            mean = constrain(jnp.mean(per_head, axis=1), SMALL)  # sharding.py: [B, T, V]
+            row = jnp.take_along_axis(mean, last[:, None, None], axis=1)
             return jnp.where(vis_mask, row[:, 0], -jnp.inf), no_rank
         if sp.method == "random":
             key = jax.random.fold_in(jax.random.PRNGKey(sp.seed), sp.layers[i])
@@ -283,6 +292,9 @@ class Pruner:
             relation = top_heads_mean(per_head / gravity[:, None], carry.raters, vis_mask, n_sel)
         else:
             relation = jnp.mean(per_head, axis=1)  # R [B, T, Vcap]
+        # Under a mesh the head reduction ends here: rank, selection and recycling work on
+        # this small array, replicated over "model" (`sparsevlm_jax.sharding`).
+        relation = constrain(relation, SMALL)
         scores = rater_scores(relation, carry.raters, vis_mask)
         if sp.method != "v1":
             return scores, no_rank
