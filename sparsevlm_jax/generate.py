@@ -21,6 +21,7 @@ from sparsevlm_jax.batch import Batch
 from sparsevlm_jax.config import LlavaConfig
 from sparsevlm_jax.model.llava import KVCache, decode_step
 from sparsevlm_jax.prefill import CapacityInfo, compiled_programs, prefill, prefill_jit
+from sparsevlm_jax.sharding import follow_params_mesh
 from sparsevlm_jax.sparse.config import SparseConfig
 
 __all__ = ["Generation", "compile_counts", "decode_jit", "generate_ids", "prefill", "prefill_jit"]
@@ -102,6 +103,7 @@ class Generation:
     capacity: CapacityInfo | None = None
 
 
+@follow_params_mesh  # params on a mesh (sharding.shard_params): the batch is split over data
 def generate_ids(
     params: dict,
     cfg: LlavaConfig,

@@ -207,6 +207,40 @@ def hlo_checks(params, batch, cfg, mesh) -> tuple[dict, list]:
     return out, gathered_weights(control, cfg, mesh)
 
 
+def eval_answers(mesh: str | None) -> list[dict]:
+    """`sparsevlm eval` of the bundled model on four questions, with `--mesh` or without."""
+    import tempfile
+
+    from PIL import Image
+
+    from sparsevlm_jax.cli.app import main as cli
+
+    model = os.path.join(os.path.dirname(os.path.dirname(__file__)), "sparsevlm_jax", "demo_model")
+    d = tempfile.mkdtemp(prefix="mesh-eval-")
+    rng = np.random.default_rng(1)
+    lines = []
+    for i in range(4):
+        pixels = rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(os.path.join(d, f"{i}.png"))
+        q = {"question_id": i, "image": f"{i}.png", "text": f"What shape is it? ({i})"}
+        lines.append(json.dumps(q))
+    with open(os.path.join(d, "q.jsonl"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    answers = os.path.join(d, "a.jsonl")
+    argv = ["eval", "--model", model, "--questions", os.path.join(d, "q.jsonl")]
+    argv += ["--image-folder", d, "--answers", answers, "--batch-size", "4", "--quiet"]
+    argv += ["--max-new-tokens", "4"]
+    argv += ["--mesh", mesh] if mesh else []
+    assert cli(argv) == 0
+    out = []
+    with open(answers) as f:
+        for line in f:
+            r = json.loads(line)
+            meta = {k: v for k, v in r["metadata"].items() if not k.endswith("_seconds")}
+            out.append({"question_id": r["question_id"], "text": r["text"], "metadata": meta})
+    return out
+
+
 def log(what: str, since: float) -> float:
     """Progress on stderr (where the time goes); returns now."""
     now = time.perf_counter()
@@ -257,6 +291,10 @@ def main() -> None:
             if shape == (2, 4):
                 result["hlo"], result["control"] = hlo_checks(sparams, sbatch, cfg, mesh)
                 t = log("compiled programs' collectives", t)
+    result["eval"] = {"single": eval_answers(None)}
+    t = log("eval, one device", t)
+    result["eval"]["2x2"] = eval_answers("data=2,model=2")
+    log("eval, data=2,model=2", t)
     print(json.dumps(result))
 
 

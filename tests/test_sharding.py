@@ -185,3 +185,36 @@ def test_info_mesh(capsys):
     assert "mesh:        data=2,model=1" in out and "text/layers/q_proj/kernel" in out
     assert main(["info", str(ckpt), "--mesh", "model=x"]) == 2
     assert "--mesh: model must be an integer" in capsys.readouterr().err
+
+
+def test_eval_mesh_answers_like_one_device(worker):
+    """`sparsevlm eval --mesh data=2,model=2` (batches of 4 split over data, the bundled
+    model's weights over model) writes the answers of the single-device run."""
+    single, mesh = worker["eval"]["single"], worker["eval"]["2x2"]
+    assert [a["question_id"] for a in single] == [0, 1, 2, 3]
+    assert mesh == single
+
+
+def test_eval_mesh_is_checked_before_the_weights(tmp_path, capsys):
+    from PIL import Image
+
+    from sparsevlm_jax.cli.app import main
+
+    ckpt = Path(__file__).resolve().parents[1] / "sparsevlm_jax" / "demo_model"
+    if not (ckpt / "config.json").exists():
+        pytest.skip("no bundled model")
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    (tmp_path / "q.jsonl").write_text('{"question_id": 1, "image": "a.png", "text": "What?"}\n')
+    base = ["eval", "--model", str(ckpt), "--questions", str(tmp_path / "q.jsonl")]
+    base += ["--image-folder", str(tmp_path), "--answers", str(tmp_path / "a.jsonl")]
+    for extra, message in (
+        (
+            ["--mesh", "data=2", "--batch-size", "2"],
+            "--mesh data=2,model=1 needs 2 devices, 1 found",
+        ),
+        (["--mesh", "data=2", "--batch-size", "3"], "--batch-size 3 does not split over"),
+        (["--mesh", "model=three"], "--mesh: model must be an integer"),
+    ):
+        assert main(base + extra) == 2, extra
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "a.jsonl").exists()

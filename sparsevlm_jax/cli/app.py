@@ -16,6 +16,7 @@ from typing import Any
 from sparsevlm_jax.cli import calibrate, demo, generate, info, visualize
 from sparsevlm_jax.cli.bench import run_bench
 from sparsevlm_jax.cli.errors import EXIT_BUG, EXIT_INPUT, PROG, error_message, input_error_types
+from sparsevlm_jax.cli.mesh import add_eval_mesh_arg
 from sparsevlm_jax.cli.options import (
     HelpFormatter,
     add_generation_args,
@@ -119,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, metavar="N", help="answer only the first N questions")
     e.add_argument("--model-id", metavar="NAME", help="model_id field (default: model dir name)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_eval_mesh_arg(e)
     add_sparse_args(e)
     add_generation_args(e, max_new_tokens=128)
 

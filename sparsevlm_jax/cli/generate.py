@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from sparsevlm_jax.cli.errors import EXIT_OK
+from sparsevlm_jax.cli.mesh import check_mesh, place
 from sparsevlm_jax.cli.models import (
     check_prompt,
     load_pipeline,
@@ -105,8 +106,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
             f"--batch-size must be in 1..{max(processor.buckets.batch)}, got {args.batch_size}"
         )
     ev.check_prompts(questions, processor)
+    mesh = check_mesh(args, cfg)  # --mesh (cli/mesh.py)
     ev.answered_ids(args.answers)  # an unreadable answers file fails before loading weights
     pipe = load_pipeline(args, path, cfg)
+    place(pipe, mesh)
     summary = ev.run_eval(
         pipe,
         questions,
