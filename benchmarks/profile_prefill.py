@@ -96,7 +96,8 @@ def time_prune(rows, pruner_cls, cfg, sparse, state0, state, s, q_text, kv, repe
     def prune(x0, v0, p0, x, v, p, q, k):
         first = SeqState(x0, v0, p0, state0.num_prefix, state0.vis_cap)
         pruner = pruner_cls(cfg, sparse, first)
-        pruner.n_vis += [pruner.n_vis[0]] * s  # earlier layers' counts (only read by stats)
+        # earlier layers' visual counts (only read by the statistics)
+        pruner.carry = pruner.carry.replace(n_vis=pruner.carry.n_vis * (s + 1))
         cur = SeqState(x, v, p, state.num_prefix, state.vis_cap)
         out = pruner.prune(s, cur, q, k)
         return out.x, out.valid, out.positions
