@@ -1,4 +1,5 @@
-"""`sparsevlm eval`: LLaVA's `model_vqa_loader` over a question JSONL, batched and resumable.
+"""`sparsevlm eval`: LLaVA's `model_vqa_loader` over a question JSONL, batched and resumable,
+in one process or shared between several.
 
 Questions (LLaVA's eval format, one JSON object per line):
 
@@ -8,14 +9,29 @@ Questions (LLaVA's eval format, one JSON object per line):
 
     {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
 
-`prompt` is the question text as given (like LLaVA), `answer_id` a uuid4 hex, `metadata` the
-sparsity statistics of that example (`stats_to_json`).
+`prompt` is the question text as given (like LLaVA), `metadata` the sparsity statistics of that
+example (`stats_to_json`, without wall-clock timings) and `answer_id` a uuid5 of the model id,
+question id, prompt and sparsity settings: the same run writes the same bytes, whichever
+process answered which question, so answer files can be compared byte for byte.
 
 Everything that can be checked is checked before the first token is generated: the answers path
 is writable, every line parses and has its fields, question ids are unique, every image file
-exists, every prompt fits a bucket. The answers file is appended one batch at a time (flushed
-and fsync'd), so an interrupted run loses at most the batch in flight; a rerun skips the
-question ids already answered (a trailing partial line is cut off first).
+exists, every prompt fits a bucket. Answers are appended one batch at a time (flushed and
+fsync'd), so an interrupted run loses at most the batch in flight; a rerun skips the question
+ids already answered (a trailing partial line is cut off first).
+
+Several processes (`num_processes` N > 1, e.g. one per host, `sparsevlm_jax.distributed`):
+question i of the selected list belongs to process p = i % N, which appends its answers to
+its own part file `ANSWERS.part-<p>-of-<N>`. A question is skipped when the answers file or ANY
+part file (of any N) already holds it, so a restart after an interruption, even with another N,
+answers every question exactly once. When every process has answered its share (a barrier),
+process 0 merges the answers file and all part files in question order (`merge_answers`: a
+temporary file, fsync'd, renamed over the answers file, then the part files removed) and the
+others wait for it (a second barrier). A single process appends straight to the answers file
+(and merges only when it finds part files of an earlier run). Both write the same lines in
+question order, so one process and N processes give the same bytes, as long as a batch's
+composition cannot change an answer: `--batch-size 1`, or a capacity policy that does not depend
+on the batch (`bucketed` compiles a pruned stage for the batch's largest budget and records it).
 """
 
 from __future__ import annotations
@@ -23,6 +39,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
+import tempfile
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -237,12 +255,47 @@ def check_writable(path: str | os.PathLike, what: str = "answers file") -> None:
         raise InputError(f"{p}: cannot write the {what} (directory {parent} is not writable)")
 
 
+def _complete_lines(path: Path, data: bytes) -> list[tuple[str, dict[str, Any]]]:
+    """(line, record) of every complete non-blank line of an answers or part file.
+
+    Raises:
+      InputError: a complete line that is not an answer record (a JSON object with a
+        question_id), naming the file and line.
+    """
+    try:
+        text = data[: data.rfind(b"\n") + 1].decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not an answers file (not UTF-8 text)") from None
+    out: list[tuple[str, dict[str, Any]]] = []
+    # Split on "\n" only: a JSON string may hold U+2028 and other characters splitlines() breaks on.
+    for lineno, raw in enumerate(text.split("\n")[:-1], 1):
+        if not raw.strip():
+            continue
+        try:
+            d = json.loads(raw)
+            hash(d["question_id"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise InputError(f"{path}: line {lineno}: not an answer record") from None
+        out.append((raw, d))
+    return out
+
+
+def read_records(path: str | os.PathLike) -> list[tuple[str, dict[str, Any]]]:
+    """(line, record) of the complete lines of a file that may be growing (none if missing).
+
+    Never modifies the file: another process may be appending to it; a trailing line without
+    its newline is ignored (it is still being written, or its writer was killed).
+    """
+    p = Path(path)
+    return _complete_lines(p, p.read_bytes()) if p.exists() else []
+
+
 def answered_ids(path: str | os.PathLike) -> set[str | int]:
-    """Question ids already in an answers file; cuts off a trailing partial line first.
+    """Question ids already in an answers file this process owns; cuts off a trailing partial
+    line first.
 
     A line without its newline is what a killed writer leaves behind; it is removed so the
-    next append starts on a fresh line. Complete lines must be JSON objects with a
-    question_id.
+    next append starts on a fresh line.
 
     Raises:
       InputError: a complete line that is not an answer record.
@@ -257,27 +310,12 @@ def answered_ids(path: str | os.PathLike) -> set[str | int]:
             f.truncate(end)
             f.flush()
             os.fsync(f.fileno())
-    done: set[str | int] = set()
-    for lineno, raw in enumerate(data[:end].decode("utf-8").splitlines(), 1):
-        if not raw.strip():
-            continue
-        try:
-            d = json.loads(raw)
-            done.add(d["question_id"])
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise InputError(f"{p}: line {lineno}: not an answer record") from None
-    return done
+    return {d["question_id"] for _, d in _complete_lines(p, data[:end])}
 
 
 def read_answers(path: str | os.PathLike) -> dict[str | int, str]:
     """question_id -> answer text of an answers file (complete lines only)."""
-    out: dict[str | int, str] = {}
-    with open(path, encoding="utf-8") as f:
-        for raw in f:
-            if raw.endswith("\n") and raw.strip():
-                d = json.loads(raw)
-                out[d["question_id"]] = d.get("text", "")
-    return out
+    return {d["question_id"]: d.get("text", "") for _, d in read_records(path)}
 
 
 def append_lines(f: Any, records: Sequence[dict[str, Any]]) -> None:
@@ -285,6 +323,111 @@ def append_lines(f: Any, records: Sequence[dict[str, Any]]) -> None:
     f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     f.flush()
     os.fsync(f.fileno())
+
+
+# ----------------------------------------------------------------------------------------------
+# Part files of several processes, and their merge
+
+_PART = re.compile(r"\.part-(\d+)-of-(\d+)$")
+
+
+def part_path(answers_path: str | os.PathLike, process: int, num_processes: int) -> Path:
+    """Where process `process` of `num_processes` appends its share: `ANSWERS.part-<p>-of-<N>`."""
+    return Path(f"{os.fspath(answers_path)}.part-{process}-of-{num_processes}")
+
+
+def part_files(answers_path: str | os.PathLike) -> list[Path]:
+    """Every part file of `answers_path` on disk, whatever the process count that wrote it,
+    sorted by (N, p)."""
+    p = Path(answers_path)
+    if not p.parent.is_dir():
+        return []
+    found = []
+    for q in p.parent.iterdir():
+        m = _PART.search(q.name)
+        if m and q.name[: m.start()] == p.name and q.is_file():
+            found.append(((int(m.group(2)), int(m.group(1))), q))
+    return [q for _, q in sorted(found)]
+
+
+def done_ids(answers_path: str | os.PathLike, own_path: str | os.PathLike) -> set[str | int]:
+    """Question ids answered in the answers file or in any of its part files.
+
+    `own_path` is the file this process appends to (the answers file itself for a single
+    process): its trailing partial line is cut off (`answered_ids`). The other files are only
+    read (other processes may be appending to them).
+
+    Raises:
+      InputError: a complete line of any of these files that is not an answer record.
+    """
+    own = Path(own_path)
+    done = answered_ids(own)
+    for path in (Path(answers_path), *part_files(answers_path)):
+        if path != own:
+            done |= {d["question_id"] for _, d in read_records(path)}
+    return done
+
+
+@dataclass
+class Merged:
+    """What `merge_answers` did: answer lines written, part files folded in."""
+
+    answers: int
+    parts: int
+
+
+def merge_answers(answers_path: str | os.PathLike, questions: Sequence[Question]) -> Merged:
+    """Folds every part file into the answers file: one line per question id, in question order.
+
+    The lines of the answers file and of the part files (complete lines only) are kept as
+    written, the first line of a question id wins (a crash after the rename below leaves part
+    files whose lines are already in the answers file). Ids that the question file does not
+    have keep their order, after the others. The result goes to a temporary file in the same
+    directory, fsync'd and renamed over the answers file (so a crash leaves either the old file
+    or the new one, and the part files until the rename has happened); then the part files are
+    removed. Only one process may merge, when no process appends any more.
+    """
+    answers, parts = Path(answers_path), part_files(answers_path)
+    lines: dict[str | int, str] = {}
+    for path in (answers, *parts):
+        for raw, d in read_records(path):
+            lines.setdefault(d["question_id"], raw)
+    order = {q.question_id: i for i, q in enumerate(questions)}
+    extra = {qid: i for i, qid in enumerate(qid for qid in lines if qid not in order)}
+    ids = sorted(lines, key=lambda k: (0, order[k]) if k in order else (1, extra[k]))
+    sources = [p for p in (answers, *parts) if p.exists()]
+    if sources:
+        _replace(answers, "".join(lines[k] + "\n" for k in ids), sources[0].stat().st_mode)
+    for path in parts:
+        path.unlink()
+    if parts:
+        _fsync_dir(answers.parent)
+    return Merged(len(ids), len(parts))
+
+
+def _replace(path: Path, text: str, mode: int) -> None:
+    """Writes `text` to a temporary file beside `path`, fsyncs it and renames it onto `path`."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".merge", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fchmod(f.fileno(), mode & 0o777)
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Makes a rename or unlink in directory `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -341,15 +484,49 @@ def accuracy(questions: Sequence[Question], answers: dict[str | int, str]) -> Ac
 # ----------------------------------------------------------------------------------------------
 # The loop
 
+TIMINGS = ("prefill_seconds", "decode_seconds")  # wall clock: left out of answer records
+ANSWER_ID_NAMESPACE = uuid.UUID("5d6c0b8e-2f0a-4c55-9a43-7b1f3c9e2d10")  # sparsevlm's answers
+
+
+@dataclass(frozen=True)
+class Share:
+    """The questions one process answers: question i of the selected list when
+    i % count == index. `Share()` is the single process (everything, into the answers file)."""
+
+    index: int = 0
+    count: int = 1
+
+    def of(self, selected: Sequence[Question]) -> list[Question]:
+        return [q for i, q in enumerate(selected) if i % self.count == self.index]
+
+    def path(self, answers_path: str | os.PathLike) -> Path:
+        """The file this process appends to: the answers file, or its part file."""
+        if self.count == 1:
+            return Path(answers_path)
+        return part_path(answers_path, self.index, self.count)
+
 
 @dataclass
 class EvalSummary:
-    """What a run did: questions selected, answered before, answered now, accuracy."""
+    """What a process did: the file it appended to, the questions selected, its share of
+    them, those answered before, answered now, the merge it did (process 0, or a single process
+    that found part files) and the accuracy of the answers file (process 0 only)."""
 
+    path: Path
     selected: int
+    share: int
     already: int
     written: int
+    merged: Merged | None
     accuracy: Accuracy | None
+
+    def line(self) -> str:
+        """One line saying what this process wrote."""
+        of = f"{self.share} of {self.selected}" if self.share != self.selected else self.selected
+        return (
+            f"{self.path}: {self.written} answers written, {self.already} already there "
+            f"({of} questions)"
+        )
 
 
 def run_eval(
@@ -368,70 +545,149 @@ def run_eval(
     seed: int = 0,
     progress: bool = True,
     on_batch: Callable[[int], None] | None = None,
+    share: Share = Share(),
+    barrier: Callable[[str], None] | None = None,
 ) -> EvalSummary:
-    """Answers the first `limit` questions (all when None) not yet in `answers_path`.
+    """Answers this process's share of the first `limit` questions (all when None), skipping
+    those already answered in `answers_path` or its part files; merges when it is the last step.
 
     `pipe` is a `LlavaPipeline`. The questions must already be validated (`read_questions`,
     `check_images`, `check_prompts`). Each batch of `batch_size` answers is appended, flushed
     and fsync'd before the next batch starts; `on_batch(n_written_so_far)` runs after each.
+    With several processes (`share.count` > 1) every process must call this with the same
+    arguments but its own `share.index`; `barrier(name)` waits for all of them (`sparsevlm_jax.
+    distributed.barrier`): after answering, and after process 0 has merged.
     """
-    from tqdm import tqdm
-
     if batch_size < 1:
         raise InputError(f"batch size must be >= 1, got {batch_size}")
+    if share.count > 1 and barrier is None:
+        raise ValueError("several processes need a barrier")
     selected = list(questions if limit is None else questions[:limit])
-    done = answered_ids(answers_path)
-    position = {q.question_id: i for i, q in enumerate(selected)}
-    pending = [q for q in selected if q.question_id not in done]
-    already = len(selected) - len(pending)
+    mine, out = share.of(selected), share.path(answers_path)
+    done = done_ids(answers_path, out)
+    stray_parts = share.count == 1 and bool(part_files(answers_path))
+    pending = [q for q in mine if q.question_id not in done]
+    seeds = {q.question_id: seed + i for i, q in enumerate(selected)}
+    generation = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    desc = "eval" if share.count == 1 else f"eval {share.index}/{share.count}"
+    bar = _progress(len(mine), len(mine) - len(pending), desc, progress)
+    with bar:
+        written = _answer(
+            pipe, pending, image_folder, out, sparse, model_id, batch_size, seeds, generation,
+            bar, on_batch,
+        )  # fmt: skip
+    merged = None
+    if share.count > 1:
+        barrier("sparsevlm-eval-answered")
+        if share.index == 0:
+            merged = merge_answers(answers_path, questions)
+        barrier("sparsevlm-eval-merged")
+    elif stray_parts:  # answers of an earlier run with several processes
+        merged = merge_answers(answers_path, questions)
+    answers = read_answers(answers_path) if share.index == 0 else {}
+    if share.count > 1 and share.index == 0:
+        check_complete(answers_path, selected, answers)
+    acc = accuracy(selected, answers) if share.index == 0 else None
+    return EvalSummary(
+        out, len(selected), len(mine), len(mine) - len(pending), written, merged, acc
+    )
+
+
+def check_complete(
+    answers_path: str | os.PathLike, selected: Sequence[Question], answers: dict[str | int, Any]
+) -> None:
+    """After a merge: every selected question must be answered.
+
+    Raises:
+      InputError: some are not: the processes did not write to one shared directory (each
+        process appends to its part file beside the answers file, process 0 merges the part
+        files it sees).
+    """
+    missing = [q.question_id for q in selected if q.question_id not in answers]
+    if missing:
+        raise InputError(
+            f"{answers_path}: {len(missing)} of {len(selected)} questions unanswered after the "
+            f"merge (first {missing[0]!r}): do all processes share the answers directory?"
+        )
+
+
+def _progress(total: int, initial: int, desc: str, enabled: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="q", disable=not enabled, desc=desc)
+
+
+def _answer(
+    pipe: Any,
+    pending: Sequence[Question],
+    image_folder: str | os.PathLike,
+    out: Path,
+    sparse: SparseConfig,
+    model_id: str,
+    batch_size: int,
+    seeds: dict[str | int, int],
+    generation: dict[str, Any],
+    bar: Any,
+    on_batch: Callable[[int], None] | None,
+) -> int:
+    """Answers `pending` batch by batch, appending each batch to `out`; returns the count.
+
+    A batch's seed is that of its first question (the seed plus its index in the selected
+    list), so it does not depend on which process answers it."""
     written = 0
     f = None
     try:
-        with tqdm(
-            total=len(selected), initial=already, unit="q", disable=not progress, desc="eval"
-        ) as bar:
-            for lo in range(0, len(pending), batch_size):
-                chunk = pending[lo : lo + batch_size]
-                # A short last batch is padded with copies of its last question (answers
-                # dropped) so it reuses the compiled program of the full batch size.
-                padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
-                results = pipe.generate(
-                    [image_path(q, image_folder) for q in padded],
-                    [q.text for q in padded],
-                    sparse=sparse,
-                    max_new_tokens=max_new_tokens,
-                    temperature=temperature,
-                    top_p=top_p,
-                    seed=seed + position[chunk[0].question_id],
-                    batch_size=batch_size,
-                )
-                records = [
-                    answer_record(q, r, model_id, sparse, pipe.cfg.num_image_tokens)
-                    for q, r in zip(chunk, results[: len(chunk)], strict=True)
-                ]
-                if f is None:  # the file appears with the first finished batch
-                    f = open(answers_path, "a", encoding="utf-8")
-                append_lines(f, records)
-                written += len(records)
-                bar.update(len(records))
-                if on_batch is not None:
-                    on_batch(written)
+        for lo in range(0, len(pending), batch_size):
+            chunk = pending[lo : lo + batch_size]
+            # A short last batch is padded with copies of its last question (answers
+            # dropped) so it reuses the compiled program of the full batch size.
+            padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
+            results = pipe.generate(
+                [image_path(q, image_folder) for q in padded],
+                [q.text for q in padded],
+                sparse=sparse,
+                seed=seeds[chunk[0].question_id],
+                batch_size=batch_size,
+                **generation,
+            )
+            records = [
+                answer_record(q, r, model_id, sparse, pipe.cfg.num_image_tokens)
+                for q, r in zip(chunk, results[: len(chunk)], strict=True)
+            ]
+            if f is None:  # the file appears with the first finished batch
+                f = open(out, "a", encoding="utf-8")
+            append_lines(f, records)
+            written += len(records)
+            bar.update(len(records))
+            if on_batch is not None:
+                on_batch(written)
     finally:
         if f is not None:
             f.close()
-    answers = read_answers(answers_path) if Path(answers_path).exists() else {}
-    return EvalSummary(len(selected), already, written, accuracy(selected, answers))
+    return written
+
+
+def answer_id(q: Question, model_id: str, sparse: SparseConfig) -> str:
+    """A uuid5 (hex) of the model id, question id, prompt and sparsity settings: the same
+    question asked of the same model the same way gets the same id, in any process."""
+    key = json.dumps(
+        [model_id, q.question_id, q.text, sparse_to_json(sparse)],
+        ensure_ascii=False,
+        sort_keys=True,
+    )
+    return uuid.uuid5(ANSWER_ID_NAMESPACE, key).hex
 
 
 def answer_record(
     q: Question, result: Any, model_id: str, sparse: SparseConfig, num_image_tokens: int
 ) -> dict[str, Any]:
-    """One answer line in LLaVA's format."""
+    """One answer line in LLaVA's format; deterministic (no wall-clock timings, `answer_id`)."""
+    stats = {k: v for k, v in result.stats.items() if k not in TIMINGS}
     return {
         "question_id": q.question_id,
         "prompt": q.text,
         "text": result.text,
-        "answer_id": uuid.uuid4().hex,
+        "answer_id": answer_id(q, model_id, sparse),
         "model_id": model_id,
-        "metadata": stats_to_json(result.stats, sparse, num_image_tokens),
+        "metadata": stats_to_json(stats, sparse, num_image_tokens),
     }

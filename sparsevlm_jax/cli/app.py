@@ -43,7 +43,16 @@ EPILOGS = {
       --answers pope.jsonl --batch-size 8 --limit 100
 
 The answers file is appended one batch at a time; rerunning the same command resumes,
-skipping the question ids it already holds. --limit N answers the first N questions.""",
+skipping the question ids it already holds. --limit N answers the first N questions.
+
+several processes (e.g. two hosts; the same command on each, its own --process-id):
+  sparsevlm eval --model llava-7b-jax --questions pope.jsonl --image-folder coco/val2014 \\
+      --answers shared/pope.jsonl --coordinator 10.0.0.1:1234 --num-processes 2 --process-id 0
+Question i goes to process i % N; process p appends to ANSWERS.part-<p>-of-<N>. When all are
+done, process 0 merges the parts into ANSWERS in question order (atomically) and removes them,
+so the answers directory must be shared. After any interruption rerun every process: a question
+already in ANSWERS or in any part file is not answered again. --mesh describes each process's
+local devices; JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID may replace the flags.""",
     "calibrate": """examples:
   sparsevlm calibrate llava-7b-jax --questions llava_gqa_testdev_balanced.jsonl \\
       --image-folder gqa/images --examples 200 --percentile 99
@@ -67,6 +76,29 @@ demo take v1's static capacities by default (when its budget and pruning layers 
   sparsevlm demo --random --budgets 64 --max-new-tokens 4
   sparsevlm demo --random --optimized""",
 }
+
+
+def add_process_args(g: Any) -> None:
+    """eval's `jax.distributed` settings; each defaults to JAX's environment variable."""
+    g.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT",
+        help="process 0's address, where it runs the coordinator (default: "
+        "$JAX_COORDINATOR_ADDRESS)",
+    )
+    g.add_argument(
+        "--num-processes",
+        type=int,
+        metavar="N",
+        help="processes sharing the questions, e.g. one per host (default: $JAX_NUM_PROCESSES, "
+        "else 1)",
+    )
+    g.add_argument(
+        "--process-id",
+        type=int,
+        metavar="I",
+        help="this process, 0..N-1 (default: $JAX_PROCESS_ID)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model-id", metavar="NAME", help="model_id field (default: model dir name)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     add_eval_mesh_arg(e)
+    add_process_args(e.add_argument_group("several processes (jax.distributed)"))
     add_sparse_args(e)
     add_generation_args(e, max_new_tokens=128)
 

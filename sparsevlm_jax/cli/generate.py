@@ -88,15 +88,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """Answers a LLaVA question file into an answers file (resumable); prints a summary."""
+    """Answers a LLaVA question file into an answers file (resumable); prints a summary.
+
+    With several processes (`--num-processes`, `sparsevlm_jax.distributed`) each one answers
+    its share into its part file, and process 0 merges them into the answers file.
+    """
+    from sparsevlm_jax import distributed
     from sparsevlm_jax import eval as ev
 
     check_generation_args(args)
+    cluster = distributed.cluster_from(args.coordinator, args.num_processes, args.process_id)
     if args.limit is not None and args.limit < 1:
         raise InputError(f"--limit must be >= 1, got {args.limit}")
+    share = ev.Share(cluster.process_id, cluster.num_processes)
     ev.check_writable(args.answers)
+    ev.check_writable(share.path(args.answers), "part file")
     questions = ev.read_questions(args.questions)
     ev.check_images(questions, args.image_folder)
+    # Unreadable answer or part files fail before the processes connect or load weights.
+    ev.done_ids(args.answers, share.path(args.answers))
+    distributed.initialize(cluster)  # before anything touches a JAX device
     path = resolve_model(args.model)
     cfg = model_config(path, args.clip)
     sparse = sparse_from_args(args, cfg, path)
@@ -106,8 +117,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             f"--batch-size must be in 1..{max(processor.buckets.batch)}, got {args.batch_size}"
         )
     ev.check_prompts(questions, processor)
-    mesh = check_mesh(args, cfg)  # --mesh (cli/mesh.py)
-    ev.answered_ids(args.answers)  # an unreadable answers file fails before loading weights
+    mesh = check_mesh(args, cfg)  # --mesh (cli/mesh.py): this process's local devices
     pipe = load_pipeline(args, path, cfg)
     place(pipe, mesh)
     summary = ev.run_eval(
@@ -124,11 +134,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         seed=args.seed,
         progress=not args.quiet,
+        share=share,
+        barrier=distributed.barrier,
     )
-    print(
-        f"{args.answers}: {summary.written} answers written, {summary.already} already there "
-        f"({summary.selected} questions)"
-    )
+    print(summary.line())
+    if summary.merged is not None:
+        print(
+            f"{args.answers}: {summary.merged.answers} answers in question order, merged from "
+            f"{summary.merged.parts} part files"
+        )
     if summary.accuracy is not None:
         print("\n".join(summary.accuracy.summary()))
     print(compiled_line(describe_sparse(sparse)))
