@@ -4,7 +4,8 @@
 
 Public API:
     convert_checkpoint(src, dst, dtype="bfloat16", clip=None, progress=True, overwrite=False)
-    load_transformers(src, dtype=None, clip=None) -> (params, cfg)
+    load_transformers(src, dtype=None, clip=None, mesh=None) -> (params, cfg)
+        (each parameter read block by block straight onto its devices / mesh shards)
 
 Opening "our checkpoint or a source directory" is `sparsevlm_jax.loading.load_model` (above
 both this package and `sparsevlm_jax.checkpoint`, which this package writes through).

@@ -9,12 +9,17 @@ The conversion runs in two passes over the source files:
 2. *fill*: preallocate the stacked target arrays in the target dtype and copy the source into
    them tensor by tensor (transposed / reshaped on the way). Peak memory is the target tree plus
    one source tensor: a 7B model in bf16 needs ~14 GB.
+
+`load_transformers` (loading without writing) plans the same way, then reads each target
+parameter straight onto its devices, block by block (`convert.streaming`): with a mesh every
+device's shard is read from the source tensors it covers and placed at once, so the host never
+holds more than about one shard (one parameter without a mesh), never the model.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,15 +27,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, Sharding
 from tqdm.auto import tqdm
 
 from convert.errors import ConversionError
 from convert.names import CLIP_PREFIXES, IGNORED, MODEL_PREFIXES, Target, resolve, source_shape
-from convert.names import transform as apply_transform
 from convert.readers import TensorInfo, WeightFiles, open_weights
+from convert.streaming import LoadStats, Parts, _copy_into, block_reader
 from sparsevlm_jax import checkpoint
 from sparsevlm_jax.config import DTYPES, ConfigError, LlavaConfig, TextConfig, VisionConfig
 from sparsevlm_jax.params import Params, flatten, param_shapes, unflatten
+from sparsevlm_jax.sharding import array_from_shards, param_shardings
 
 # Copied from the source directory (and, for original LLaVA, the CLIP directory) when present.
 TOKENIZER_FILES = (
@@ -329,18 +336,6 @@ def _fill(
                 bar.update()
 
 
-def _copy_into(dst: np.ndarray, w: np.ndarray, target: Target, tile: int = 256) -> None:
-    """`dst[...] = transform(w)`, casting; large transposes go tile by tile (2-3x faster)."""
-    value = apply_transform(target.kind, w)
-    if value.ndim != 2 or value.flags.c_contiguous or value.size < tile * tile * 16:
-        dst[...] = value
-        return
-    rows, cols = value.shape
-    for i in range(0, rows, tile):
-        for j in range(0, cols, tile):
-            dst[i : i + tile, j : j + tile] = value[i : i + tile, j : j + tile]
-
-
 def _open_sources(src: Path, clip: Path | None) -> tuple[list[_Source], LlavaConfig]:
     files = open_weights(src)
     entries = files.entries()
@@ -454,18 +449,66 @@ def load_transformers(
     dtype: str | None = None,
     clip: str | Path | None = None,
     progress: bool = False,
+    mesh: Mesh | None = None,
+    stats: LoadStats | None = None,
 ) -> tuple[Params, LlavaConfig]:
     """Loads a llava-hf / transformers / original LLaVA directory straight into `jax.Array`s.
+
+    The whole checkpoint is checked first (`_plan`: one ConversionError naming every problem,
+    and the head counts against the mesh) before any tensor data is read. Then every target
+    parameter is read block by block onto its devices (`convert.streaming`): host memory
+    holds about one shard at a time (one parameter without a mesh), never the model.
 
     Args:
         src: checkpoint directory; `clip` the CLIP directory for original LLaVA.
         dtype: as in `convert_checkpoint`; None keeps the source's float dtype.
+        progress: show a tqdm bar over the target parameters.
+        mesh: a ("data", "model") `jax.sharding.Mesh`: parameters are laid out by
+            `sparsevlm_jax.sharding.param_shardings`; None: the first local device.
+        stats: filled in with what reading cost on the host (`LoadStats`, for measurements).
 
     Returns:
-        `(params, cfg)`: nested dict of `jax.Array`s on the default device, and the config.
+        `(params, cfg)`: nested dict of `jax.Array`s and the config.
     """
-    flat, cfg = convert_to_numpy(src, dtype, clip, progress)
+    src = Path(src)
+    sources, cfg = _open_sources(src, None if clip is None else Path(clip))
+    target_dtype = _target_dtype(dtype, source_dtype(sources[0].entries))
+    cfg = cfg.replace(param_dtype=target_dtype, dtype=target_dtype)
+    plan, shapes = _plan(sources, cfg, src)
+    shardings = _shardings(cfg, mesh)
+    np_dtype = jnp.dtype(target_dtype)  # ml_dtypes.bfloat16 for bfloat16
+    note = None if stats is None else stats.note
+    readers = [s.files.blocks(note) for s in sources]
+    parts = _parts(plan, sources, readers)
     out: dict[str, jax.Array] = {}
-    for key in list(flat):  # move leaf by leaf so host memory is released as we go
-        out[key] = jax.device_put(flat.pop(key))
+    try:
+        for key in tqdm(shapes, desc="loading", unit="tensor", disable=not progress):
+            shape = tuple(shapes[key])
+            read = block_reader(parts[key], shape, "/layers/" in key, np_dtype, stats)
+            out[key] = array_from_shards(shape, shardings(key), read)
+    finally:
+        for r in readers:
+            r.close()
     return unflatten(out), cfg
+
+
+def _shardings(cfg: LlavaConfig, mesh: Mesh | None) -> Callable[[str], Sharding]:
+    """flat key -> the parameter's `Sharding` (every one on the first local device without a
+    mesh). ConfigError (a head count that does not divide the model axis) before any read."""
+    if mesh is None:
+        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        return lambda key: one
+    return flatten(param_shardings(cfg, mesh)).__getitem__
+
+
+def _parts(
+    plan: dict[tuple[int, str], Target], sources: list[_Source], readers: list[Any]
+) -> dict[str, Parts]:
+    """Every target parameter's source tensors: flat key -> {layer slot (0 unstacked):
+    (reader, tensor, target)}."""
+    infos = [{e.name: e for e in s.entries} for s in sources]
+    parts: dict[str, Parts] = {}
+    for (i, name), target in plan.items():
+        slot = 0 if target.layer is None else target.layer
+        parts.setdefault(target.key, {})[slot] = (readers[i], infos[i][name], target)
+    return parts

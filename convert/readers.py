@@ -4,6 +4,9 @@ A directory is opened with `open_weights(dir)`, which finds its weight files and
 `WeightFiles`. `entries()` lists every tensor's name, shape and dtype without reading the data
 (safetensors headers; `.bin` files through a memory-mapped `torch.load`), and `tensors()` yields
 `(name, np.ndarray)` one tensor at a time, so a converter holds at most one source tensor.
+`blocks()` opens random access to blocks of tensors (`BlockReader.read(info, index)` =
+`tensor[index]`): safetensors blocks are read by their header offsets, row range by row range,
+so a block costs about its own size in memory, never the whole tensor.
 
 safetensors files are parsed directly (8-byte header length, JSON header, raw little-endian
 data): this reads bf16 without torch (as `ml_dtypes.bfloat16`) and needs no framework at all.
@@ -13,8 +16,8 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +75,57 @@ class WeightFiles:
         reader = _safetensors_tensors if self.format == "safetensors" else _torch_tensors
         for f in self.files:
             yield from reader(f)
+
+    def blocks(self, note: Callable[[np.ndarray], None] | None = None) -> BlockReader:
+        """Random access to blocks of this directory's tensors (close it, or use `with`).
+
+        note: called with every host array the reader creates (for measurements).
+        """
+        cls = _SafetensorsBlocks if self.format == "safetensors" else _TorchBlocks
+        return cls(note or _ignore)
+
+
+Index = tuple[slice, ...]
+
+
+def _ignore(_: np.ndarray) -> None:
+    pass
+
+
+def normalize_index(index: tuple, shape: tuple[int, ...]) -> Index:
+    """`index` (slices with None ends, possibly fewer than `shape` has dims) as explicit
+    `slice(start, stop)` per dimension; steps other than 1 are refused."""
+    out = []
+    for i, d in enumerate(shape):
+        s = index[i] if i < len(index) else slice(None)
+        start, stop, step = s.indices(d)
+        if step != 1:
+            raise ValueError(f"index {index}: only unit steps are supported")
+        out.append(slice(start, max(start, stop)))
+    return tuple(out)
+
+
+def block_shape(index: Index) -> tuple[int, ...]:
+    return tuple(s.stop - s.start for s in index)
+
+
+@dataclass
+class BlockReader:
+    """`read(info, index)`: `tensor[index]` of one tensor of `entries()`, as a new array."""
+
+    note: Callable[[np.ndarray], None]
+
+    def read(self, info: TensorInfo, index: tuple) -> np.ndarray:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> BlockReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def open_weights(root: str | Path) -> WeightFiles:
@@ -164,6 +218,66 @@ def _safetensors_tensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
             yield name, out
 
 
+@dataclass
+class _SafetensorsBlocks(BlockReader):
+    """Blocks read straight from the files: a block's row range is one contiguous run of
+    bytes; a block that also cuts the other dimensions is read in row chunks no larger than
+    the block itself (or one row), each cut down as it arrives."""
+
+    headers: dict[Path, tuple[dict[str, Any], int]] = field(default_factory=dict)
+    handles: dict[Path, Any] = field(default_factory=dict)
+
+    def read(self, info: TensorInfo, index: tuple) -> np.ndarray:
+        path = info.file
+        if path not in self.headers:
+            self.headers[path] = _read_header(path)
+            self.handles[path] = open(path, "rb")  # noqa: SIM115 (closed in close())
+        header, base = self.headers[path]
+        h = header[info.name]
+        dtype, shape = _st_dtype(path, info.name, h["dtype"]), tuple(h["shape"])
+        start, end = h["data_offsets"]
+        if end - start != dtype.itemsize * int(np.prod(shape)):
+            raise WeightsError(f"{path}: tensor {info.name} has inconsistent offsets")
+        index = normalize_index(index, shape)
+        out = np.empty(block_shape(index), dtype)
+        self.note(out)
+        if out.size:
+            self._fill(out, path, info.name, base + start, shape, index)
+        return out
+
+    def _fill(
+        self, out: np.ndarray, path: Path, name: str, offset: int, shape: tuple, index: Index
+    ) -> None:
+        """out[...] = tensor[index] for the tensor whose data starts at byte `offset`."""
+        if not shape:
+            self._pread(out, path, name, offset)
+            return
+        row = out.dtype.itemsize * int(np.prod(shape[1:]))
+        rows, rest = index[0], index[1:]
+        if all(s == slice(0, d) for s, d in zip(rest, shape[1:], strict=True)):
+            self._pread(out, path, name, offset + rows.start * row)
+            return
+        step = max(1, out.nbytes // max(row, 1))
+        chunk = np.empty((min(step, rows.stop - rows.start), *shape[1:]), out.dtype)
+        self.note(chunk)
+        for r in range(rows.start, rows.stop, step):
+            n = min(step, rows.stop - r)
+            self._pread(chunk[:n], path, name, offset + r * row)
+            out[r - rows.start : r - rows.start + n] = chunk[(slice(0, n), *rest)]
+
+    def _pread(self, dst: np.ndarray, path: Path, name: str, offset: int) -> None:
+        f = self.handles[path]
+        f.seek(offset)
+        if f.readinto(memoryview(dst.reshape(-1).view(np.uint8))) != dst.nbytes:
+            raise WeightsError(f"{path}: tensor {name} is truncated")
+
+    def close(self) -> None:
+        for f in self.handles.values():
+            f.close()
+        self.handles.clear()
+        self.headers.clear()
+
+
 # --- torch .bin ------------------------------------------------------------------------------
 
 
@@ -215,3 +329,22 @@ def _torch_tensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
     sd = _torch_load(path)
     for name in list(sd):
         yield name, _torch_to_numpy(sd.pop(name))
+
+
+@dataclass
+class _TorchBlocks(BlockReader):
+    """Blocks sliced from memory-mapped state dicts (one `torch.load` per file, kept open)."""
+
+    dicts: dict[Path, dict[str, Any]] = field(default_factory=dict)
+
+    def read(self, info: TensorInfo, index: tuple) -> np.ndarray:
+        if info.file not in self.dicts:
+            self.dicts[info.file] = _torch_load(info.file)
+        t = self.dicts[info.file][info.name]
+        index = normalize_index(index, tuple(t.shape))
+        out = _torch_to_numpy(t[index])
+        self.note(out)
+        return out
+
+    def close(self) -> None:
+        self.dicts.clear()

@@ -8,7 +8,8 @@
 `save` is atomic: everything is written into a temporary sibling directory that is renamed
 into place at the end, so a failed save leaves neither `path` nor the temporary directory.
 `load` restores into the abstract tree of `params.abstract_params`, so arrays come back as
-`jax.Array`s (in the saved dtype unless asked otherwise), placed by the given shardings.
+`jax.Array`s (in the saved dtype unless asked otherwise), placed by the given shardings: each
+device's shard is read from the chunks (`CHUNK_BYTES` at most) that it covers.
 
 This module knows only this format; `convert` writes it, and `loading` (above both) opens
 whatever directory a user points at, converting source checkpoints in memory.
@@ -32,6 +33,10 @@ from sparsevlm_jax.params import Params, abstract_params, flatten
 PARAMS_DIR = "params"
 CONFIG_FILE = "config.json"
 METADATA_FILE = "metadata.json"
+# Arrays are stored in chunks of at most this many bytes (orbax / tensorstore pick the chunk
+# shape, cutting the largest dimensions first), so a restore into shardings reads and decodes
+# only the chunks a device's shard covers, never a whole stacked [L, ...] array at once.
+CHUNK_BYTES = 16 * 2**20
 
 
 class CheckpointError(ValueError):
@@ -92,7 +97,8 @@ def save(
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         with _params_checkpointer() as ckptr:
-            ckptr.save(tmp / PARAMS_DIR, args=ocp.args.PyTreeSave(params))
+            save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES), params)
+            ckptr.save(tmp / PARAMS_DIR, args=ocp.args.PyTreeSave(params, save_args=save_args))
         (tmp / CONFIG_FILE).write_text(cfg.to_json() + "\n")
         if metadata is not None:
             (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")

@@ -8,6 +8,7 @@ print(out[0].text, out[0].stats["equivalent_tokens"])
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -93,19 +94,32 @@ class LlavaPipeline:
         dtype: str | None = None,
         compute_dtype: str | None = None,
         clip: str | os.PathLike | None = None,
+        mesh: Any = None,
         **processor_overrides: Any,
     ) -> LlavaPipeline:
         """Loads a converted checkpoint or a transformers/original LLaVA directory.
 
         dtype: weight dtype (None keeps the stored one); compute_dtype defaults to it.
+        mesh: a `jax.sharding.Mesh`, a `sharding.MeshShape` or "data=N,model=M": the weights
+            are loaded straight into their shards on it (`sharding.param_shardings`), and
+            `generate` runs on it; None: one device.
         processor_overrides: e.g. `template="llava_hf"`, `image_mode="crop"`.
         """
         from sparsevlm_jax.loading import load_model
 
-        params, cfg = load_model(path, dtype=dtype, clip=clip)
+        if mesh is not None:
+            from sparsevlm_jax.sharding import as_mesh
+
+            mesh = as_mesh(mesh)
+        params, cfg = load_model(path, dtype=dtype, clip=clip, mesh=mesh)
         cfg = cfg.replace(param_dtype=dtype or cfg.param_dtype)
         cfg = cfg.replace(dtype=compute_dtype or cfg.param_dtype)
-        return cls(params, cfg, Processor.from_pretrained(path, cfg, **processor_overrides))
+        processor = Processor.from_pretrained(path, cfg, **processor_overrides)
+        if mesh is not None:  # every batch must split over data
+            data, buckets = int(mesh.shape["data"]), processor.buckets
+            batch = tuple(sorted({-(-b // data) * data for b in buckets.batch}))
+            processor.buckets = dataclasses.replace(buckets, batch=batch)
+        return cls(params, cfg, processor)
 
     def generate(
         self,

@@ -41,7 +41,8 @@ the mean (`sparsevlm_jax.sparse.prune.top_heads_mean`).
 Usage:
 
     mesh = make_mesh("data=2,model=4")
-    params = shard_params(params, cfg, mesh)
+    params = shard_params(params, cfg, mesh)  # or load straight into it:
+    params, cfg = sparsevlm_jax.loading.load_model(path, mesh=mesh)
     gen = generate_ids(params, cfg, batch, ...)  # follows the params' mesh
     with use_mesh(mesh):  # the jitted functions themselves
         logits, cache, stats, _ = prefill(params, shard_batch(batch, mesh), cfg, sparse, n)
@@ -273,6 +274,37 @@ def _is_spec(x: Any) -> bool:
 def shard_params(params: dict, cfg: LlavaConfig, mesh: Mesh) -> dict:
     """`params` placed on `mesh` as the rules say (`jax.device_put`)."""
     return jax.device_put(params, param_shardings(cfg, mesh))
+
+
+def as_mesh(mesh: Mesh | MeshShape | str) -> Mesh:
+    """A `Mesh` as it is; a `MeshShape` or `--mesh` text made over the local devices."""
+    return mesh if isinstance(mesh, Mesh) else make_mesh(mesh)
+
+
+def array_from_shards(
+    shape: tuple[int, ...], sharding: jax.sharding.Sharding, read: Callable[[tuple], np.ndarray]
+) -> jax.Array:
+    """A `jax.Array` of `shape` laid out by `sharding`, each device's block `read(index)`.
+
+    Like `jax.make_array_from_callback`, but each block is placed on its device as soon as it
+    is read (make_array_from_callback reads every device's block before placing any, i.e.
+    holds the whole array on the host), and a block that several devices hold (replication
+    over data) is read once and copied device to device. Host memory: one block at a time.
+
+    read: index (a tuple of slices of `shape`) -> that block as a numpy array.
+    """
+    placed: dict[tuple, jax.Array] = {}
+    arrays = []
+    for device, index in sharding.addressable_devices_indices_map(shape).items():
+        key = tuple(s.indices(d)[:2] for s, d in zip(index, shape, strict=False))
+        if key in placed:
+            arrays.append(jax.device_put(placed[key], device))
+            continue
+        block = jax.device_put(read(index), device)
+        block.block_until_ready()  # the host block can go before the next one is read
+        placed[key] = block
+        arrays.append(block)
+    return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
 
 
 def shard_batch(batch: Any, mesh: Mesh) -> Any:

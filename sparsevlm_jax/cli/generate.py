@@ -118,7 +118,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         )
     ev.check_prompts(questions, processor)
     mesh = check_mesh(args, cfg)  # --mesh (cli/mesh.py): this process's local devices
-    pipe = load_pipeline(args, path, cfg)
+    pipe = load_pipeline(args, path, cfg, mesh)  # straight into the mesh's shards
     place(pipe, mesh)
     summary = ev.run_eval(
         pipe,

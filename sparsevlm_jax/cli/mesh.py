@@ -1,5 +1,6 @@
 """`--mesh` for `sparsevlm eval`: the questions of a batch split over the `data` axis, the
-weights over `model` (`sparsevlm_jax.sharding`), in one process.
+weights over `model` (`sparsevlm_jax.sharding`), in one process. The weights are read
+straight into their shards (`cli.models.load_pipeline(..., mesh)`), never whole first.
 
 Everything is checked before the weights are read: the mesh text, the device count, the head
 counts against `model`, and the batch size against `data` (every device gets the same number
@@ -50,13 +51,16 @@ def check_mesh(args: argparse.Namespace, cfg: LlavaConfig) -> Any:
 
 
 def place(pipe: Any, shape: Any) -> None:
-    """Puts the pipeline's weights on the mesh (`generate_ids` follows them there) and makes
-    its batch buckets multiples of data."""
+    """Makes sure the pipeline's weights are on a mesh of `shape` (`load_pipeline(..., mesh)`
+    already loads them straight there; otherwise they are moved) and its batch buckets are
+    multiples of data. `generate_ids` follows the weights there."""
     if shape is None:
         return
-    from sparsevlm_jax.sharding import make_mesh, shard_params
+    from sparsevlm_jax.sharding import make_mesh, mesh_shape, params_mesh, shard_params
 
-    pipe.params = shard_params(pipe.params, pipe.cfg, make_mesh(shape))
+    on = params_mesh(pipe.params)
+    if on is None or mesh_shape(on) != shape:
+        pipe.params = shard_params(pipe.params, pipe.cfg, make_mesh(shape))
     d, buckets = shape.data, pipe.processor.buckets
     pipe.processor.buckets = dataclasses.replace(
         buckets, batch=tuple(sorted({-(-b // d) * d for b in buckets.batch}))

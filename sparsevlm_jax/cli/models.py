@@ -75,11 +75,13 @@ def _raised_in(e: BaseException, packages: tuple[str, ...]) -> bool:
     return False
 
 
-def load_pipeline(args: argparse.Namespace, path: Path, cfg: LlavaConfig) -> Any:
+def load_pipeline(args: argparse.Namespace, path: Path, cfg: LlavaConfig, mesh: Any = None) -> Any:
     """`LlavaPipeline.from_pretrained`, with a damaged checkpoint reported as an input error.
 
     Our checkpoints' array list is checked first; an error raised inside orbax / tensorstore
     while reading the weights (a deleted or corrupt data file) becomes a CheckpointError.
+    mesh: a `MeshShape` (`cli.mesh.check_mesh`) or `Mesh`: the weights are read straight
+    into their shards on it; None: one device.
     """
     from sparsevlm_jax import checkpoint
     from sparsevlm_jax.checkpoint import CheckpointError
@@ -89,7 +91,7 @@ def load_pipeline(args: argparse.Namespace, path: Path, cfg: LlavaConfig) -> Any
         checkpoint.check_arrays(path, cfg)
     try:
         return LlavaPipeline.from_pretrained(
-            path, dtype=args.dtype, clip=args.clip, **processor_overrides(args)
+            path, dtype=args.dtype, clip=args.clip, mesh=mesh, **processor_overrides(args)
         )
     except Exception as e:
         if isinstance(e, input_error_types()) or not _raised_in(e, ("orbax", "tensorstore")):
