@@ -341,6 +341,30 @@ def test_gather_slots():
 # ---------------------------------------------------------------------------------------------
 
 
+def test_knn_density_with_a_bound_on_k_equals_numpy():
+    # Only the max_k smallest distances per row are found (top_k); k <= max_k varies by row.
+    rng = np.random.default_rng(3)
+    b, m, d, max_k = 3, 40, 8, 5
+    x = rng.normal(size=(b, m, d)).astype(np.float32)
+    x[0, 1] = x[0, 0]  # a duplicated point: distance 0 off the diagonal
+    n_valid = np.array([40, 23, 2])
+    mask = np.arange(m)[None] < n_valid[:, None]
+    k = np.array([5, 3, 2], np.int32)
+    dist = pairwise_distances(jnp.asarray(x))
+    got = np.asarray(jax.jit(knn_density, static_argnums=3)(dist, mask, k, max_k))
+    dn = np.asarray(dist, np.float64)
+    for i in range(b):
+        for j in range(m):
+            if not mask[i, j]:
+                assert got[i, j] == 0.0
+                continue
+            row = np.sort(dn[i, j][mask[i]])[: k[i]]
+            np.testing.assert_allclose(got[i, j], np.exp(-np.mean(row**2)), rtol=1e-5)
+    assert got[0, 0] == got[0, 1]  # equal rows stay exactly equal (the tie rule needs it)
+    full = np.asarray(jax.jit(knn_density)(dist, mask, k))  # max_k = M: the same values
+    np.testing.assert_allclose(full, got, rtol=1e-6)
+
+
 def test_dpc_knn_pieces_on_a_line():
     # Points 0, 1, 3 on a line (D = 1, so distances are not rescaled), k = 2 neighbours.
     @jax.jit
