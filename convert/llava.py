@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from convert.errors import ConversionError
 from convert.names import CLIP_PREFIXES, IGNORED, MODEL_PREFIXES, Target, resolve, source_shape
 from convert.readers import TensorInfo, WeightFiles, open_weights
-from convert.streaming import LoadStats, Parts, _copy_into, block_reader
+from convert.streaming import LoadStats, Parts, block_reader, copy_into
 from sparsevlm_jax import checkpoint
 from sparsevlm_jax.config import DTYPES, ConfigError, LlavaConfig, TextConfig, VisionConfig
 from sparsevlm_jax.params import Params, flatten, param_shapes, unflatten
@@ -331,7 +331,7 @@ def _fill(
                 target = plan.get((i, name))
                 if target is not None:
                     dst = arrays[target.key]
-                    _copy_into(dst if target.layer is None else dst[target.layer], w, target)
+                    copy_into(dst if target.layer is None else dst[target.layer], w, target)
                 del w
                 bar.update()
 
@@ -377,15 +377,32 @@ def _convert(
     src: Path, dtype: str | None, clip: str | Path | None, progress: bool
 ) -> tuple[dict[str, np.ndarray], LlavaConfig, str | None]:
     """`convert_to_numpy`, also returning the source's float dtype (`source_dtype`)."""
+    p = _prepare(src, dtype, clip)
+    arrays = {k: np.empty(s, jnp.dtype(p.cfg.param_dtype)) for k, s in p.shapes.items()}
+    _fill(p.sources, p.plan, arrays, progress)
+    return arrays, p.cfg, p.found
+
+
+@dataclass
+class _Prepared:
+    """A source checkpoint opened and checked, before any tensor data is read."""
+
+    sources: list[_Source]
+    cfg: LlavaConfig  # param_dtype / dtype = the target dtype
+    plan: dict[tuple[int, str], Target]
+    shapes: dict[str, tuple[int, ...]]
+    found: str | None  # the source's float dtype (`source_dtype`)
+
+
+def _prepare(src: Path, dtype: str | None, clip: str | Path | None) -> _Prepared:
+    """Opens the source (and CLIP) weights, picks the target dtype and checks the whole
+    mapping (`_plan`: one ConversionError naming every problem)."""
     sources, cfg = _open_sources(src, None if clip is None else Path(clip))
     found = source_dtype(sources[0].entries)
     target_dtype = _target_dtype(dtype, found)
     cfg = cfg.replace(param_dtype=target_dtype, dtype=target_dtype)
     plan, shapes = _plan(sources, cfg, src)
-    np_dtype = jnp.dtype(target_dtype)  # ml_dtypes.bfloat16 for bfloat16
-    arrays = {k: np.empty(s, np_dtype) for k, s in shapes.items()}
-    _fill(sources, plan, arrays, progress)
-    return arrays, cfg, found
+    return _Prepared(sources, cfg, plan, shapes, found)
 
 
 def tokenizer_files(src: str | Path, clip: str | Path | None = None) -> dict[str, Path]:
@@ -470,16 +487,13 @@ def load_transformers(
     Returns:
         `(params, cfg)`: nested dict of `jax.Array`s and the config.
     """
-    src = Path(src)
-    sources, cfg = _open_sources(src, None if clip is None else Path(clip))
-    target_dtype = _target_dtype(dtype, source_dtype(sources[0].entries))
-    cfg = cfg.replace(param_dtype=target_dtype, dtype=target_dtype)
-    plan, shapes = _plan(sources, cfg, src)
+    p = _prepare(Path(src), dtype, clip)
+    cfg, shapes = p.cfg, p.shapes
     shardings = _shardings(cfg, mesh)
-    np_dtype = jnp.dtype(target_dtype)  # ml_dtypes.bfloat16 for bfloat16
+    np_dtype = jnp.dtype(cfg.param_dtype)  # ml_dtypes.bfloat16 for bfloat16
     note = None if stats is None else stats.note
-    readers = [s.files.blocks(note) for s in sources]
-    parts = _parts(plan, sources, readers)
+    readers = [s.files.blocks(note) for s in p.sources]
+    parts = _parts(p.plan, p.sources, readers)
     out: dict[str, jax.Array] = {}
     try:
         for key in tqdm(shapes, desc="loading", unit="tensor", disable=not progress):

@@ -90,15 +90,15 @@ def _read_into(
 ) -> None:
     """dst[...] = transform(source)[index] for one source tensor (one layer of a stack)."""
     if target.kind == LINEAR:  # kernel[a, b] = weight[b, a]
-        _copy_into(dst, reader.read(info, index[::-1]), target)
+        copy_into(dst, reader.read(info, index[::-1]), target)
     elif target.kind == COPY:
-        _copy_into(dst, reader.read(info, index), target)
+        copy_into(dst, reader.read(info, index), target)
     else:  # PATCH: the rows mix the conv's axes; read it whole (small, replicated)
         whole = apply_transform(target.kind, reader.read(info, ()))
         dst[...] = whole[index]
 
 
-def _copy_into(dst: np.ndarray, w: np.ndarray, target: Target, tile: int = 256) -> None:
+def copy_into(dst: np.ndarray, w: np.ndarray, target: Target, tile: int = 256) -> None:
     """`dst[...] = transform(w)`, casting; large transposes go tile by tile (2-3x faster)."""
     value = apply_transform(target.kind, w)
     if value.ndim != 2 or value.flags.c_contiguous or value.size < tile * tile * 16:

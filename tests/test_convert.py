@@ -21,6 +21,7 @@ from safetensors.numpy import save_file
 from convert import ConversionError, convert_checkpoint, convert_to_numpy
 from convert import llava as convert_llava
 from convert.names import CLIP_PREFIXES, IGNORED, MODEL_PREFIXES, Target, resolve
+from convert.streaming import copy_into
 from sparsevlm_jax import checkpoint
 from sparsevlm_jax.config import LlavaConfig, VisionConfig
 from sparsevlm_jax.loading import load_model
@@ -402,7 +403,7 @@ def test_keep_dtype_and_bf16_sources(layouts, reference, hf_model, tmp_path):
 def test_tiled_transpose_copy():
     w = np.random.default_rng(0).standard_normal((70, 90)).astype(np.float16)
     dst = np.empty((90, 70), ml_dtypes.bfloat16)
-    convert_llava._copy_into(dst, w, Target("x", None, "linear"), tile=16)
+    copy_into(dst, w, Target("x", None, "linear"), tile=16)
     np.testing.assert_array_equal(
         dst.view(np.uint16), w.T.astype(ml_dtypes.bfloat16).view(np.uint16)
     )

@@ -50,7 +50,6 @@ TIMEOUT_S = 240
 def work(tmp_path_factory) -> Path:
     """`ckpt/` (the tiny model, converted), two images, `q.jsonl`, `xla-cache/`."""
     pytest.importorskip("torch")
-    pytest.importorskip("transformers")
     from tiny_models import save_tiny_llava, tiny_llava
 
     from sparsevlm_jax.cli import main

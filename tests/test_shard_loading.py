@@ -24,7 +24,6 @@ SOURCES = ("safetensors", "bin", "checkpoint")
 MESHES = ("2x4", "1x8", "4x2")
 
 pytest.importorskip("torch")
-pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ from sparsevlm_jax import sharding as sh
 from sparsevlm_jax.config import ConfigError, LlavaConfig, TextConfig, VisionConfig
 from sparsevlm_jax.errors import InputError
 from sparsevlm_jax.params import flatten, param_shapes
+from sparsevlm_jax.shapes_task import demo_model_path
 
 WORKER = Path(__file__).with_name("sharding_worker.py")
 MESHES = ("8x1", "4x2", "2x4", "1x8")
@@ -177,9 +178,8 @@ def test_layout_table_bytes_per_device():
 def test_info_mesh(capsys):
     from sparsevlm_jax.cli.app import main
 
-    ckpt = Path(__file__).resolve().parents[1] / "sparsevlm_jax" / "demo_model"
-    if not (ckpt / "config.json").exists():
-        pytest.skip("no bundled model")
+    ckpt = demo_model_path()  # shipped in the package: its absence is a failure
+    assert (ckpt / "config.json").is_file(), ckpt
     assert main(["info", str(ckpt), "--mesh", "data=2,model=1"]) == 0
     out = capsys.readouterr().out
     assert "mesh:        data=2,model=1" in out and "text/layers/q_proj/kernel" in out
@@ -200,9 +200,8 @@ def test_eval_mesh_is_checked_before_the_weights(tmp_path, capsys):
 
     from sparsevlm_jax.cli.app import main
 
-    ckpt = Path(__file__).resolve().parents[1] / "sparsevlm_jax" / "demo_model"
-    if not (ckpt / "config.json").exists():
-        pytest.skip("no bundled model")
+    ckpt = demo_model_path()  # shipped in the package: its absence is a failure
+    assert (ckpt / "config.json").is_file(), ckpt
     Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
     (tmp_path / "q.jsonl").write_text('{"question_id": 1, "image": "a.png", "text": "What?"}\n')
     base = ["eval", "--model", str(ckpt), "--questions", str(tmp_path / "q.jsonl")]

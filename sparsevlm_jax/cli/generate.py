@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from sparsevlm_jax.cli.errors import EXIT_OK
-from sparsevlm_jax.cli.mesh import check_mesh, place
+from sparsevlm_jax.cli.mesh import check_mesh
 from sparsevlm_jax.cli.models import (
     check_prompt,
     load_pipeline,
@@ -119,7 +119,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     ev.check_prompts(questions, processor)
     mesh = check_mesh(args, cfg)  # --mesh (cli/mesh.py): this process's local devices
     pipe = load_pipeline(args, path, cfg, mesh)  # straight into the mesh's shards
-    place(pipe, mesh)
     summary = ev.run_eval(
         pipe,
         questions,

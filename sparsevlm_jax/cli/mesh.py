@@ -4,13 +4,12 @@ straight into their shards (`cli.models.load_pipeline(..., mesh)`), never whole 
 
 Everything is checked before the weights are read: the mesh text, the device count, the head
 counts against `model`, and the batch size against `data` (every device gets the same number
-of questions; the processor's batch buckets become multiples of `data`).
+of questions; `LlavaPipeline.from_pretrained` makes the batch buckets multiples of `data`).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from typing import Any
 
 from sparsevlm_jax.config import LlavaConfig
@@ -48,20 +47,3 @@ def check_mesh(args: argparse.Namespace, cfg: LlavaConfig) -> Any:
         )
     param_layouts(cfg, shape)  # heads must divide model
     return shape
-
-
-def place(pipe: Any, shape: Any) -> None:
-    """Makes sure the pipeline's weights are on a mesh of `shape` (`load_pipeline(..., mesh)`
-    already loads them straight there; otherwise they are moved) and its batch buckets are
-    multiples of data. `generate_ids` follows the weights there."""
-    if shape is None:
-        return
-    from sparsevlm_jax.sharding import make_mesh, mesh_shape, params_mesh, shard_params
-
-    on = params_mesh(pipe.params)
-    if on is None or mesh_shape(on) != shape:
-        pipe.params = shard_params(pipe.params, pipe.cfg, make_mesh(shape))
-    d, buckets = shape.data, pipe.processor.buckets
-    pipe.processor.buckets = dataclasses.replace(
-        buckets, batch=tuple(sorted({-(-b // d) * d for b in buckets.batch}))
-    )
