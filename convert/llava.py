@@ -377,7 +377,11 @@ def _convert(
     src: Path, dtype: str | None, clip: str | Path | None, progress: bool
 ) -> tuple[dict[str, np.ndarray], LlavaConfig, str | None]:
     """`convert_to_numpy`, also returning the source's float dtype (`source_dtype`)."""
-    p = _prepare(src, dtype, clip)
+    return _read(_prepare(src, dtype, clip), progress)
+
+
+def _read(p: _Prepared, progress: bool) -> tuple[dict[str, np.ndarray], LlavaConfig, str | None]:
+    """The prepared source's arrays, converted (`_convert` after `_prepare`)."""
     arrays = {k: np.empty(s, jnp.dtype(p.cfg.param_dtype)) for k, s in p.shapes.items()}
     _fill(p.sources, p.plan, arrays, progress)
     return arrays, p.cfg, p.found
@@ -431,7 +435,9 @@ def convert_checkpoint(
 
     Args:
         src: llava-hf hub / transformers `save_pretrained` / original LLaVA-1.5 directory.
-        dst: the checkpoint directory to create (atomically; nothing is left on failure).
+        dst: the checkpoint directory to create (atomically; nothing is left on failure). The
+            file system must have room for it (`checkpoint.check_free_space`), checked before
+            any tensor is read.
         dtype: "bfloat16" | "float32" | "float16", or None to keep the source's float dtype.
         clip: CLIP checkpoint directory, for original LLaVA checkpoints.
         progress: show a progress bar.
@@ -442,9 +448,17 @@ def convert_checkpoint(
 
     Raises:
         ConversionError: one line naming every problem with the source checkpoint.
+        CheckpointError: `dst` exists, its file system lacks the room, or writing it failed
+            (a full disk, a quota, no permission: one line).
     """
     checkpoint.check_destination(dst, overwrite)
-    flat, cfg, found = _convert(Path(src), dtype, clip, progress)
+    p = _prepare(Path(src), dtype, clip)
+    # Room for the whole checkpoint, before reading any tensor (refused with both numbers).
+    itemsize = jnp.dtype(p.cfg.param_dtype).itemsize
+    sizes = [int(np.prod(shape)) * itemsize for shape in p.shapes.values()]
+    tokenizer = tokenizer_files(src, clip)
+    checkpoint.check_free_space(dst, checkpoint.projected_bytes(sizes, tokenizer.values()))
+    flat, cfg, found = _read(p, progress)
     conversion = {
         "dtype": cfg.param_dtype,
         "source_dtype": found,
@@ -454,7 +468,7 @@ def convert_checkpoint(
         dst,
         unflatten(flat),
         cfg,
-        tokenizer_files(src, clip),
+        tokenizer,
         overwrite=overwrite,
         metadata={"conversion": conversion},
     )

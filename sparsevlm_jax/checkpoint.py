@@ -7,6 +7,9 @@
 
 `save` is atomic: everything is written into a temporary sibling directory that is renamed
 into place at the end, so a failed save leaves neither `path` nor the temporary directory.
+It first checks that the file system has room for the arrays and files (`check_free_space`),
+and reports a full disk, a quota, a read-only file system or no permission met while writing
+as a one-line `CheckpointError` (orbax's writer threads stay quiet), not as a bug.
 `load` restores into the abstract tree of `params.abstract_params`, so arrays come back as
 `jax.Array`s (in the saved dtype unless asked otherwise), placed by the given shardings: each
 device's shard is read from the chunks (`CHUNK_BYTES` at most) that it covers.
@@ -17,10 +20,15 @@ whatever directory a user points at, converting source checkpoints in memory.
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +45,11 @@ METADATA_FILE = "metadata.json"
 # shape, cutting the largest dimensions first), so a restore into shardings reads and decodes
 # only the chunks a device's shard covers, never a whole stacked [L, ...] array at once.
 CHUNK_BYTES = 16 * 2**20
+# Room asked for beyond the arrays and files: orbax's metadata and the file system's blocks.
+SPACE_MARGIN_BYTES = 4 * 2**20
+SPACE_MARGIN_FRACTION = 0.02
+# Failures of the environment while writing (full disk or quota, no permission, read-only).
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS})
 
 
 class CheckpointError(ValueError):
@@ -93,23 +106,117 @@ def save(
 
     path = Path(path).absolute()
     check_destination(path, overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    sizes = [int(a.nbytes) for a in jax.tree.leaves(params)]
+    check_free_space(path, projected_bytes(sizes, (extra_files or {}).values()))
+    with _write_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        with _params_checkpointer() as ckptr:
-            save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES), params)
-            ckptr.save(tmp / PARAMS_DIR, args=ocp.args.PyTreeSave(params, save_args=save_args))
-        (tmp / CONFIG_FILE).write_text(cfg.to_json() + "\n")
-        if metadata is not None:
-            (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
-        for name, src in (extra_files or {}).items():
-            shutil.copyfile(src, tmp / name)
-        _chmod_default(tmp)
-        _commit(tmp, path, overwrite)
+        with _write_errors(path), _quiet_orbax():
+            with _params_checkpointer() as ckptr:
+                save_args = jax.tree.map(
+                    lambda _: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES), params
+                )
+                ckptr.save(tmp / PARAMS_DIR, args=ocp.args.PyTreeSave(params, save_args=save_args))
+            (tmp / CONFIG_FILE).write_text(cfg.to_json() + "\n")
+            if metadata is not None:
+                text = json.dumps(metadata, indent=2, sort_keys=True) + "\n"
+                (tmp / METADATA_FILE).write_text(text)
+            for name, src in (extra_files or {}).items():
+                shutil.copyfile(src, tmp / name)
+            _chmod_default(tmp)
+            _commit(tmp, path, overwrite)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_tree(tmp)
         raise
     return path
+
+
+def projected_bytes(array_bytes: Iterable[int], files: Iterable[str | Path] = ()) -> int:
+    """The room a checkpoint of arrays of these byte sizes, plus copies of `files`, needs on
+    disk: their sizes plus `SPACE_MARGIN_FRACTION` and `SPACE_MARGIN_BYTES` (metadata, blocks)."""
+    total = sum(array_bytes) + sum(Path(f).stat().st_size for f in files)
+    return int(total * (1 + SPACE_MARGIN_FRACTION)) + SPACE_MARGIN_BYTES
+
+
+def check_free_space(path: str | Path, needed: int) -> None:
+    """Raises `CheckpointError` unless the file system that will hold `path` has `needed`
+    bytes free (asked of `path`'s nearest existing parent directory).
+
+    Raises:
+        CheckpointError: not enough room, with both numbers.
+    """
+    where = Path(path).absolute().parent
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if free < needed:
+        raise CheckpointError(
+            f"{path}: not enough free space for the checkpoint: it needs {_size(needed)}, "
+            f"{where} has {_size(free)} free"
+        )
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
+
+
+def _write_failure(e: BaseException) -> str | None:
+    """`file: cause` when `e` (or what caused it) is the environment's failure to write
+    (`WRITE_ERRNOS`), else None. orbax / tensorstore report the errno inside their message."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in WRITE_ERRNOS:
+            cause = e.strerror or os.strerror(e.errno)
+            return f"{e.filename}: {cause}" if e.filename else cause
+        m = _OS_ERROR_CODE.search(str(e))
+        if m and int(m.group(1)) in WRITE_ERRNOS:
+            return os.strerror(int(m.group(1)))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+@contextmanager
+def _write_errors(path: Path) -> Iterator[None]:
+    """The environment's write failures inside become one-line `CheckpointError`s."""
+    try:
+        yield
+    except Exception as e:
+        cause = _write_failure(e)
+        if cause is None:
+            raise
+        raise CheckpointError(f"{path}: cannot write the checkpoint: {cause}") from None
+
+
+@contextmanager
+def _quiet_orbax() -> Iterator[None]:
+    """orbax logs each writer thread's failure with a traceback (through absl) before the save
+    raises it; the raised error says the same once."""
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        absl.setLevel(level)
+
+
+def _remove_tree(path: Path, tries: int = 5) -> None:
+    """Removes a temporary directory, again if a writer was still adding files to it."""
+    import time
+
+    for _ in range(tries):
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists():
+            return
+        time.sleep(0.1)
 
 
 def _params_checkpointer() -> Any:

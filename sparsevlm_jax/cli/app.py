@@ -44,6 +44,11 @@ EPILOGS = {
 
 The answers file is appended one batch at a time; rerunning the same command resumes,
 skipping the question ids it already holds. --limit N answers the first N questions.
+One run writes a file at a time: a second run on the same answers file (or two processes
+with one --process-id) stops with exit 2 before loading the model; --wait waits for the
+first to finish, then answers only what is still missing. A full disk (or a read-only or
+removed file) stops the run with one line and exit 2; the answers written are safe and a
+rerun resumes.
 
 several processes (e.g. two hosts; the same command on each, its own --process-id):
   sparsevlm eval --model llava-7b-jax --questions pope.jsonl --image-folder coco/val2014 \\
@@ -152,6 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, metavar="N", help="answer only the first N questions")
     e.add_argument("--model-id", metavar="NAME", help="model_id field (default: model dir name)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.add_argument(
+        "--wait",
+        action="store_true",
+        help="when another run is writing the answers file (or this process's part file), wait "
+        "for it to finish, then answer what is still missing (default: stop, exit 2)",
+    )
     add_eval_mesh_arg(e)
     add_process_args(e.add_argument_group("several processes (jax.distributed)"))
     add_sparse_args(e)

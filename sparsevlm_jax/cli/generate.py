@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -91,8 +92,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """Answers a LLaVA question file into an answers file (resumable); prints a summary.
 
     With several processes (`--num-processes`, `sparsevlm_jax.distributed`) each one answers
-    its share into its part file, and process 0 merges them into the answers file.
+    its share into its part file, and process 0 merges them into the answers file. The files
+    it writes are locked for the whole run (a second run refuses, or waits with `--wait`); a
+    full disk and the environment's other failures are one-line errors (exit 2).
     """
+    from contextlib import ExitStack
+
+    from sparsevlm_jax.eval import environment_errors
+
+    with environment_errors(args.answers), ExitStack() as held:
+        return _eval(args, held)
+
+
+def _eval(args: argparse.Namespace, held: Any) -> int:
+    """`cmd_eval` inside its error mapping; `held` (an ExitStack) releases the locks."""
     from sparsevlm_jax import distributed
     from sparsevlm_jax import eval as ev
 
@@ -105,6 +118,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     ev.check_writable(share.path(args.answers), "part file")
     questions = ev.read_questions(args.questions)
     ev.check_images(questions, args.image_folder)
+    # One writer per file, from here to the end (before the model loads): refuse or --wait.
+    claim = held.enter_context(
+        ev.Claim(args.answers, share.index, share.count, args.wait, _say_waiting)
+    )
     # Unreadable answer or part files fail before the processes connect or load weights.
     ev.done_ids(args.answers, share.path(args.answers))
     distributed.initialize(cluster)  # before anything touches a JAX device
@@ -135,7 +152,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         share=share,
         barrier=distributed.barrier,
+        claim=claim,
     )
+    for line in summary.duplicate_lines():
+        print(f"sparsevlm: {line}", file=sys.stderr)
     print(summary.line())
     if summary.merged is not None:
         print(
@@ -146,6 +166,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print("\n".join(summary.accuracy.summary()))
     print(compiled_line(describe_sparse(sparse)))
     return EXIT_OK
+
+
+def _say_waiting(message: str) -> None:
+    print(f"sparsevlm: {message}", file=sys.stderr, flush=True)
 
 
 def compiled_line(config: str) -> str:

@@ -20,6 +20,13 @@ exists, every prompt fits a bucket. Answers are appended one batch at a time (fl
 fsync'd), so an interrupted run loses at most the batch in flight; a rerun skips the question
 ids already answered (a trailing partial line is cut off first).
 
+One writer per file (`claim`, `locks`): a process holds an exclusive lock on every file it
+appends to (and process 0 on the answers file it merges into) from before the model loads to
+its end; a second run on one of them stops with one line naming the file and the holder, or
+waits for it (`wait`). A full disk, a quota, a read-only file system or a file removed under
+the run is the environment's failure, not a bug: the batch being appended is cut back at once
+(no torn line) and one line says how many answers are safe; a rerun resumes.
+
 Several processes (`num_processes` N > 1, e.g. one per host, `sparsevlm_jax.distributed`):
 question i of the selected list belongs to process p = i % N, which appends its answers to
 its own part file `ANSWERS.part-<p>-of-<N>`. A question is skipped when the answers file or ANY
@@ -35,6 +42,7 @@ on the batch (`bucketed` compiles a pruned stage for the batch's largest budget 
 
 Modules: `questions` (the questions file and its checks), `answers` (one answers or part file:
 records, resuming, appending), `parts` (part files of several processes and their merge),
+`locks` (one writer per file), `claim` (what a process locks; the environment's failures),
 `scoring` (exact-match accuracy), `stats` (pruning statistics as JSON) and `run` (the loop).
 This package re-exports their public names.
 """
@@ -42,12 +50,21 @@ This package re-exports their public names.
 from __future__ import annotations
 
 from sparsevlm_jax.eval.answers import (
+    Appender,
     answered_ids,
-    append_lines,
     check_writable,
+    duplicate_lines,
     read_answers,
     read_records,
 )
+from sparsevlm_jax.eval.claim import (
+    ENVIRONMENT_ERRNOS,
+    Claim,
+    environment_errors,
+    environment_failure,
+    os_error_line,
+)
+from sparsevlm_jax.eval.locks import FileLock, LockedError, lock, lock_path
 from sparsevlm_jax.eval.parts import Merged, done_ids, merge_answers, part_files, part_path
 from sparsevlm_jax.eval.questions import (
     REQUIRED_FIELDS,
@@ -72,10 +89,15 @@ from sparsevlm_jax.eval.stats import check_kept, jsonable, sparse_to_json, stats
 
 __all__ = [
     "ANSWER_ID_NAMESPACE",
+    "ENVIRONMENT_ERRNOS",
     "REQUIRED_FIELDS",
     "TIMINGS",
     "Accuracy",
+    "Appender",
+    "Claim",
     "EvalSummary",
+    "FileLock",
+    "LockedError",
     "Merged",
     "Question",
     "Share",
@@ -83,18 +105,23 @@ __all__ = [
     "answer_id",
     "answer_record",
     "answered_ids",
-    "append_lines",
     "check_complete",
     "check_images",
     "check_kept",
     "check_prompts",
     "check_writable",
     "done_ids",
+    "duplicate_lines",
+    "environment_errors",
+    "environment_failure",
     "image_path",
     "is_correct",
     "jsonable",
+    "lock",
+    "lock_path",
     "merge_answers",
     "normalize_answer",
+    "os_error_line",
     "part_files",
     "part_path",
     "read_answers",

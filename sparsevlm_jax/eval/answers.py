@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from collections.abc import Sequence
@@ -95,8 +96,77 @@ def read_answers(path: str | os.PathLike) -> dict[str | int, str]:
     return {d["question_id"]: d.get("text", "") for _, d in read_records(path)}
 
 
-def append_lines(f: Any, records: Sequence[dict[str, Any]]) -> None:
-    """Appends whole lines in one write, then flushes them to disk."""
-    f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    f.flush()
-    os.fsync(f.fileno())
+def duplicate_lines(path: str | os.PathLike) -> int:
+    """How many complete lines of an answers or part file repeat a question id of an earlier
+    line of the same file (what two runs writing one file at once leave behind)."""
+    seen: set[str | int] = set()
+    count = 0
+    for _, d in read_records(path):
+        count += d["question_id"] in seen
+        seen.add(d["question_id"])
+    return count
+
+
+class Appender:
+    """Appends whole answer lines to a file this process holds the lock of.
+
+    Each `append` writes its lines and fsyncs them; when the write or the fsync fails (a full
+    disk, a quota, an I/O error) the file is cut back at once to its size before the call, so
+    it never ends in a torn line. The file is created by the first `append`. After each
+    append, the path must still name the file written to: one removed or replaced under the
+    run raises `FileNotFoundError` (ENOENT) instead of writing on into a file nobody sees.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self._fd: int | None = None
+
+    def append(self, records: Sequence[dict[str, Any]]) -> None:
+        """Appends `records` as lines (all or none of them).
+
+        Raises:
+          OSError: the write, the fsync or the file's removal (see the class).
+        """
+        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                               0o666)  # fmt: skip
+        fd = self._fd
+        start = os.fstat(fd).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        except OSError:
+            try:
+                os.ftruncate(fd, start)
+                os.fsync(fd)
+            except OSError:
+                pass  # the next run cuts the torn line (`answered_ids`)
+            raise
+        self._check_still_there()
+
+    def _check_still_there(self) -> None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            st = None
+        own = os.fstat(self._fd)
+        if st is None or (st.st_dev, st.st_ino) != (own.st_dev, own.st_ino):
+            raise FileNotFoundError(
+                errno.ENOENT, "removed or replaced while this run was appending to it",
+                os.fspath(self.path),
+            )  # fmt: skip
+
+    def close(self) -> None:
+        """Closes the file (nothing when no append happened)."""
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+
+    def __enter__(self) -> Appender:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from sparsevlm_jax.eval.answers import answered_ids, read_records
+from sparsevlm_jax.eval.locks import FileLock, lock
 from sparsevlm_jax.eval.questions import Question
 
 _PART = re.compile(r"\.part-(\d+)-of-(\d+)$")
@@ -60,7 +61,12 @@ class Merged:
     parts: int
 
 
-def merge_answers(answers_path: str | os.PathLike, questions: Sequence[Question]) -> Merged:
+def merge_answers(
+    answers_path: str | os.PathLike,
+    questions: Sequence[Question],
+    wait: bool = False,
+    on_wait: Callable[[str], None] | None = None,
+) -> Merged:
     """Folds every part file into the answers file: one line per question id, in question order.
 
     The lines of the answers file and of the part files (complete lines only) are kept as
@@ -69,9 +75,35 @@ def merge_answers(answers_path: str | os.PathLike, questions: Sequence[Question]
     have keep their order, after the others. The result goes to a temporary file in the same
     directory, fsync'd and renamed over the answers file (so a crash leaves either the old file
     or the new one, and the part files until the rename has happened); then the part files are
-    removed. Only one process may merge, when no process appends any more.
+    removed. Only one process may merge, when no process appends any more: the caller holds
+    the answers file's lock, and each part file is locked here (`wait`: until its writer ends,
+    `on_wait(message)` first).
+
+    Raises:
+      LockedError: a part file is still being written by another run (and not `wait`).
     """
-    answers, parts = Path(answers_path), part_files(answers_path)
+    held: list[FileLock] = []
+    try:
+        for path in part_files(answers_path):
+            notify = None if on_wait is None else _waiting(on_wait, path)
+            held.append(lock(path, "part file", wait, notify, LATE_WRITER))
+        return _merge(Path(answers_path), [h.path for h in held], questions)
+    finally:
+        for h in held:
+            h.release()
+
+
+LATE_WRITER = (
+    "a process of another run still appends to it; wait for that run to finish, or pass --wait"
+)
+
+
+def _waiting(on_wait: Callable[[str], None], path: Path) -> Callable[[str], None]:
+    return lambda holder: on_wait(f"{path}: in use by {holder}; waiting for it (--wait)")
+
+
+def _merge(answers: Path, parts: list[Path], questions: Sequence[Question]) -> Merged:
+    """`merge_answers` once the part files are locked."""
     lines: dict[str | int, str] = {}
     for path in (answers, *parts):
         for raw, d in read_records(path):
