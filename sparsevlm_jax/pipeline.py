@@ -104,9 +104,16 @@ class LlavaPipeline:
             are loaded straight into their shards on it (`sharding.param_shardings`), and
             `generate` runs on it; None: one device.
         processor_overrides: e.g. `template="llava_hf"`, `image_mode="crop"`.
+
+        Turns on the persistent compilation cache (`sparsevlm_jax.compile_cache`: later
+        processes load the programs this one compiles) unless `compile_cache.enable` was
+        called before: call `compile_cache.enable("off")` first to go without.
         """
+        from sparsevlm_jax import compile_cache
         from sparsevlm_jax.loading import load_model
 
+        if compile_cache.active() is None:  # the persistent cache, unless set up already
+            compile_cache.enable()
         if mesh is not None:
             from sparsevlm_jax.sharding import as_mesh
 

@@ -39,17 +39,21 @@ from sparsevlm_jax.sparse.recycle import max_candidates_for, max_clusters_for
 Array = jax.Array
 
 
-def capacity_bucket(n: int, limit: int) -> int:
+def capacity_bucket(n: int, limit: int, steps: int = 4) -> int:
     """The smallest capacity on the ladder that holds `n`, at most `limit` (and >= 1).
 
-    Ladder: 1..8, then four steps per octave (p, 1.25p, 1.5p, 1.75p for p = 8, 16, 32, ...),
-    so a bucket is at most 25% larger than what it holds; 576 tokens have 33 buckets.
+    Ladder: 1..8, then `steps` steps per octave (p, p(1 + 1/steps), ... for p = 8, 16, 32,
+    ...). The default four (p, 1.25p, 1.5p, 1.75p: at most 25% above what a bucket holds, 33
+    buckets for 576 tokens) was chosen by `benchmarks/compile_once.py`: two steps save a few
+    programs for several points more padding FLOPs, eight cost programs for almost no FLOPs.
+    Every data-dependent static size of the prefill takes its bucket from this ladder.
     """
     n = max(int(n), 1)
     if n <= 8:
         return min(n, limit)
     p = 1 << (n.bit_length() - 1)  # p <= n < 2p, p >= 8
-    return min(next(x for x in (p, p * 5 // 4, p * 3 // 2, p * 7 // 4, 2 * p) if x >= n), limit)
+    return min(next(p * (steps + i) // steps for i in range(steps + 1)
+                    if p * (steps + i) // steps >= n), limit)  # fmt: skip
 
 
 def bucket_layer(vis_in: int, n_keep: int, n_candidates: int) -> LayerCapacity:

@@ -114,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run `sparsevlm COMMAND --help` for a command's options and examples.",
         formatter_class=HelpFormatter,
     )
+    p.add_argument(
+        "--compile-cache",
+        metavar="DIR|off",
+        help="persistent compilation cache: compiled programs are kept here and reused by "
+        "later runs (default: $SPARSEVLM_COMPILE_CACHE, else $JAX_COMPILATION_CACHE_DIR, else "
+        "~/.cache/sparsevlm/jax; `off` compiles everything afresh). Give it before COMMAND.",
+    )
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(name: str, help_: str, func: Callable[[argparse.Namespace], int], **kw: Any):
@@ -162,6 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="when another run is writing the answers file (or this process's part file), wait "
         "for it to finish, then answer what is still missing (default: stop, exit 2)",
+    )
+    e.add_argument(
+        "--warmup",
+        action="store_true",
+        help="first compile every program the questions will need (their prefills run once "
+        "more), with a progress bar; then answer",
     )
     add_eval_mesh_arg(e)
     add_process_args(e.add_argument_group("several processes (jax.distributed)"))
@@ -264,12 +277,38 @@ def run_command(func: Callable[..., int], *args: Any) -> int:
         return EXIT_BUG
 
 
+def split_global_options(argv: list[str]) -> tuple[str | None, list[str]]:
+    """(`--compile-cache` value or None, the rest): the global options before COMMAND."""
+    setting, rest = None, list(argv)
+    while rest and rest[0].startswith("--compile-cache"):
+        head = rest.pop(0)
+        if head.startswith("--compile-cache="):
+            setting = head.split("=", 1)[1]
+        elif head == "--compile-cache" and rest:
+            setting = rest.pop(0)
+        else:  # a missing value or an unknown option: argparse says so
+            return setting, [head, *rest]
+    return setting, rest
+
+
+def start_compile_cache(setting: str | None, command: str) -> None:
+    """The persistent compilation cache for this run (`sparsevlm_jax.compile_cache`): on by
+    default; `bench` measures compile times, so it uses a cache only when told to."""
+    from sparsevlm_jax import compile_cache
+
+    if command == "bench" and setting is None:
+        return
+    compile_cache.enable(setting)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the `sparsevlm` command; returns the exit status (argparse usage errors exit 2)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    setting, argv = split_global_options(list(sys.argv[1:] if argv is None else argv))
     if argv[:1] == ["bench"]:
         # The benchmark parses its own arguments, untouched (an argparse REMAINDER here
         # would see `--shape ...` as this parser's unknown options).
+        start_compile_cache(setting, "bench")
         return run_command(run_bench, argv[1:])
     args = build_parser().parse_args(argv)
+    start_compile_cache(setting, args.command)
     return run_command(args.func, args)

@@ -136,6 +136,8 @@ def _eval(args: argparse.Namespace, held: Any) -> int:
     ev.check_prompts(questions, processor)
     mesh = check_mesh(args, cfg)  # --mesh (cli/mesh.py): this process's local devices
     pipe = load_pipeline(args, path, cfg, mesh)  # straight into the mesh's shards
+    if args.warmup:
+        warm_up_eval(args, pipe, questions, share, sparse)
     summary = ev.run_eval(
         pipe,
         questions,
@@ -168,16 +170,40 @@ def _eval(args: argparse.Namespace, held: Any) -> int:
     return EXIT_OK
 
 
+def warm_up_eval(
+    args: argparse.Namespace, pipe: Any, questions: list[Any], share: Any, sparse: SparseConfig
+) -> None:
+    """`--warmup`: compiles what the questions still to answer need, with a progress bar."""
+    from sparsevlm_jax import eval as ev
+    from sparsevlm_jax.compile_cache import warm_up
+
+    selected = questions if args.limit is None else questions[: args.limit]
+    done = ev.done_ids(args.answers, share.path(args.answers))
+    pending = [q for q in share.of(selected) if q.question_id not in done]
+    got = warm_up(
+        pipe,
+        [ev.image_path(q, args.image_folder) for q in pending],
+        [q.text for q in pending],
+        sparse,
+        args.max_new_tokens,
+        args.batch_size,
+        progress=not args.quiet,
+    )
+    print(f"warm-up: {got.line()}")
+
+
 def _say_waiting(message: str) -> None:
     print(f"sparsevlm: {message}", file=sys.stderr, flush=True)
 
 
 def compiled_line(config: str) -> str:
-    """How many programs this process compiled: bounded by the buckets, not the questions."""
+    """How many programs this process holds (bounded by the buckets, not the questions), how
+    many XLA compiled and how many came from the persistent cache, and what that cost."""
+    from sparsevlm_jax.compile_cache import stats
     from sparsevlm_jax.generate import compile_counts
 
     c = compile_counts()
     return (
         f"compiled programs ({config}): prefill {c['prefill']} fused + {c['prefill_stages']} "
-        f"stage programs (bucketed policy), decode {c['decode']}"
+        f"stage programs (bucketed policy), decode {c['decode']}\n{stats().line()}"
     )
