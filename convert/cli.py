@@ -50,9 +50,11 @@ def run(args: argparse.Namespace) -> str:
         overwrite=args.overwrite,
     )
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    from sparsevlm_jax.cli.info import visual_summary  # LLaVA-NeXT: family + count range
+
     return (
         f"wrote {args.dst}: {cfg.text.num_hidden_layers}-layer decoder, "
-        f"{cfg.vision.num_hidden_layers}-layer CLIP, {cfg.num_image_tokens} visual tokens, "
+        f"{cfg.vision.num_hidden_layers}-layer CLIP, {visual_summary(cfg)}, "
         f"{describe_dtype(load_metadata(args.dst))}, {time.perf_counter() - start:.1f} s, "
         f"peak RSS {peak_gib:.2f} GiB"
     )

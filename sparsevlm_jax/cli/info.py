@@ -1,16 +1,34 @@
-"""`sparsevlm convert` (a source checkpoint to ours) and `sparsevlm info` (what a model is)."""
+"""`sparsevlm convert` (a source checkpoint to ours) and `sparsevlm info` (what a model is).
+
+LLaVA-NeXT checkpoints have no one visual-token count: it depends on each image's size
+(`sparsevlm_jax.anyres.num_visual_tokens`). `visual_range` finds the fewest and most over
+every image size up to the largest pinpoint side (with the sizes that give them), and `info`
+adds the counts of a few common photo sizes.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sparsevlm_jax.cli.errors import EXIT_OK
 from sparsevlm_jax.cli.models import model_config, resolve_model
 from sparsevlm_jax.cli.report import human_bytes
 from sparsevlm_jax.config import ConfigError, LlavaConfig
 from sparsevlm_jax.sparse.config import V1_LAYERS_32, preset_layers
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from sparsevlm_jax.anyres import AnyresSpec
+
+# (height, width) of a few common photos: square, 4:3 and 16:9 landscape, one tile.
+COMMON_SIZES: tuple[tuple[int, int], ...] = ((672, 672), (480, 640), (720, 1280), (336, 336))
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -71,13 +89,182 @@ def format_info(path: Path, cfg: LlavaConfig, arrays: dict[str, tuple], kind: st
             f"MLP {t.intermediate_size}, {t.num_attention_heads} heads ({t.num_key_value_heads} "
             f"KV, head dim {t.head_dim}), vocab {t.vocab_size}, rope theta {t.rope_theta:g}, "
             f"max positions {t.max_position_embeddings}",
-            f"image:       {cfg.num_image_tokens} visual tokens per image, image token index "
-            f"{cfg.image_token_index} ({style})",
+            *image_lines(cfg, style),
             f"sparse v1:   default pruning layers {layers}",
             f"parameters:  {count:,} ({human_bytes(nbytes)})",
             f"dtype:       {', '.join(dtypes)}{note}",
         ]
     )
+
+
+def image_lines(cfg: LlavaConfig, style: str) -> list[str]:
+    """`info`'s family and image lines: LLaVA-1.5's one count, or LLaVA-NeXT's pinpoints,
+    the range of counts over image sizes (and the sizes giving the extremes), common sizes."""
+    index = f"image token index {cfg.image_token_index} ({style})"
+    if cfg.family != "llava_next":  # LLaVA-1.5: one tile, one count
+        return [f"image:       {cfg.num_image_tokens} visual tokens per image, {index}"]
+    spec = anyres_spec(cfg)
+    r = visual_range(spec)
+    t, pps = spec.tile_size, spec.patches_per_side
+    pins = ", ".join(f"{h}x{w}" for h, w in spec.pinpoints)
+    grids = ", ".join(f"{h // t}x{w // t}" for h, w in spec.pinpoints)
+    from sparsevlm_jax.anyres import num_visual_tokens
+
+    common = ", ".join(f"{h}x{w} {num_visual_tokens((h, w), spec):,}" for h, w in COMMON_SIZES)
+    alone = " (the base tile alone)" if r.fewest == pps * pps else ""
+    band = f"{r.band.numerator}:{r.band.denominator}"
+    return [
+        f"family:      llava_next (LLaVA-1.6 anyres): a base tile + a grid of {t} px tiles, "
+        f"unpadded, one image_newline per grid row",
+        f"pinpoints:   {pins} (h x w px; grids {grids} tiles)",
+        f"image:       {r.fewest:,}-{r.most:,} visual tokens per image, by its size (h x w px); "
+        f"{index}",
+        f"             most: {r.most:,} at {_size(r.most_at)}, the {_grid(r.most_at, spec)} grid "
+        "whole",
+        f"             fewest: {r.band_fewest:,} at {_size(r.band_fewest_at)} among aspect ratios "
+        f"up to {band}; {r.fewest:,}{alone} for strips like {_size(r.fewest_at)}",
+        f"             common sizes: {common}",
+    ]
+
+
+def visual_summary(cfg: LlavaConfig) -> str:
+    """The visual tokens for `convert`'s summary line: "16 visual tokens", or on LLaVA-NeXT
+    "llava_next (anyres), 16-88 visual tokens per image (by size)"."""
+    if cfg.family != "llava_next":
+        return f"{cfg.num_image_tokens} visual tokens"
+    r = visual_range(anyres_spec(cfg))
+    return f"llava_next (anyres), {r.fewest:,}-{r.most:,} visual tokens per image (by size)"
+
+
+def anyres_spec(cfg: LlavaConfig) -> AnyresSpec:
+    """The tiling of a LLaVA-NeXT config, for counting tokens (counts do not depend on the
+    preprocessor's mean / std or resize edge, so CLIP's defaults stand in)."""
+    from sparsevlm_jax.anyres import AnyresSpec
+    from sparsevlm_jax.processing import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    return AnyresSpec(
+        pinpoints=cfg.image_grid_pinpoints,
+        tile_size=cfg.vision.image_size,
+        patch_size=cfg.vision.patch_size,
+        image_mean=OPENAI_CLIP_MEAN,
+        image_std=OPENAI_CLIP_STD,
+        shortest_edge=cfg.vision.image_size,
+    )
+
+
+@dataclass(frozen=True)
+class VisualRange:
+    """Fewest and most visual tokens over image sizes, with a (height, width) giving each.
+
+    `band`: the pinpoints' most elongated aspect ratio (3 for 1008x336): `band_fewest` is the
+    fewest among images no more elongated than that.
+    """
+
+    fewest: int
+    fewest_at: tuple[int, int]
+    most: int
+    most_at: tuple[int, int]
+    band: Fraction
+    band_fewest: int
+    band_fewest_at: tuple[int, int]
+
+
+def visual_range(spec: AnyresSpec) -> VisualRange:
+    """The range of `num_visual_tokens` over every image size (h, w) with 1 <= h, w <= the
+    largest pinpoint side (larger images fit the pinpoints as these do), exhaustively.
+
+    Each extreme is reported at a size giving it: the most at a pinpoint's own size when one
+    does, else at the simplest aspect ratio (then the largest such size); each is checked
+    against `num_visual_tokens` itself.
+
+    Raises:
+      RuntimeError: the vectorised table disagrees with `num_visual_tokens` (a bug).
+    """
+    import numpy as np
+
+    from sparsevlm_jax.anyres import num_visual_tokens
+
+    limit = max(max(p) for p in spec.pinpoints)
+    counts = count_table(spec, limit)
+    h = np.arange(1, limit + 1)[:, None]
+    w = np.arange(1, limit + 1)[None, :]
+    band = max(Fraction(max(a, b), min(a, b)) for a, b in spec.pinpoints)
+    p, q = band.numerator, band.denominator
+    in_band = (q * w <= p * h) & (q * h <= p * w)
+    banded = np.where(in_band, counts, np.iinfo(np.int64).max)
+
+    def at(table: np.ndarray, value: int, prefer: tuple = ()) -> tuple[int, int]:
+        for size in prefer:  # a pinpoint's own size, when it gives the value
+            if table[size[0] - 1, size[1] - 1] == value:
+                return _checked(size, value)
+        ys, xs = np.nonzero(table == value)
+        hs, ws = ys + 1, xs + 1
+        g = np.gcd(hs, ws)
+        order = np.lexsort((-(hs * ws), hs // g + ws // g))  # simplest ratio, then largest
+        return _checked((int(hs[order[0]]), int(ws[order[0]])), value)
+
+    def _checked(size: tuple[int, int], value: int) -> tuple[int, int]:
+        if num_visual_tokens(size, spec) != value:
+            raise RuntimeError(f"visual token table disagrees with num_visual_tokens at {size}")
+        return size
+
+    fewest, most, band_fewest = int(counts.min()), int(counts.max()), int(banded.min())
+    return VisualRange(
+        fewest=fewest,
+        fewest_at=at(counts, fewest),
+        most=most,
+        most_at=at(counts, most, spec.pinpoints),
+        band=band,
+        band_fewest=band_fewest,
+        band_fewest_at=at(banded, band_fewest),
+    )
+
+
+def count_table(spec: AnyresSpec, limit: int) -> np.ndarray:
+    """[limit, limit] int64: entry [h-1, w-1] = `num_visual_tokens((h, w), spec)`, computed
+    for all sizes at once with the same float64 arithmetic (`select_best_resolution`, then
+    `unpadded_shape`; ties to the earlier pinpoint)."""
+    import numpy as np
+
+    oh = np.arange(1, limit + 1, dtype=np.float64)[:, None]
+    ow = np.arange(1, limit + 1, dtype=np.float64)[None, :]
+    best_eff = np.zeros((limit, limit))
+    best_waste = np.full((limit, limit), np.inf)
+    best = np.zeros((limit, limit), np.int64)
+    for i, (ph, pw) in enumerate(spec.pinpoints):
+        scale = np.minimum(pw / ow, ph / oh)
+        eff = np.minimum(np.floor(ow * scale) * np.floor(oh * scale), oh * ow)
+        waste = pw * ph - eff
+        better = (eff > best_eff) | ((eff == best_eff) & (waste < best_waste))
+        best_eff = np.where(better, eff, best_eff)
+        best_waste = np.where(better, waste, best_waste)
+        best = np.where(better, i, best)
+    pins = np.asarray(spec.pinpoints, np.int64)
+    pps = spec.patches_per_side
+    ch = pins[best, 0] // spec.tile_size * pps
+    cw = pins[best, 1] // spec.tile_size * pps
+    wide = ow / oh > cw / ch
+    new_h = np.floor(np.round(oh * (cw / ow), 7))
+    new_w = np.floor(np.round(ow * (ch / oh), 7))
+    uh = np.where(wide, ch - 2 * ((ch - new_h) // 2), ch)
+    uw = np.where(wide, cw, cw - 2 * ((cw - new_w) // 2))
+    return (pps * pps + uh * (uw + 1)).astype(np.int64)
+
+
+def _size(hw: tuple[int, int]) -> str:
+    """E.g. "300x100 (portrait 1:3)": height x width, and the aspect ratio as width:height."""
+    h, w = hw
+    g = math.gcd(h, w)
+    if h == w:
+        return f"{h}x{w} (square)"
+    return f"{h}x{w} ({'landscape' if w > h else 'portrait'} {w // g}:{h // g})"
+
+
+def _grid(hw: tuple[int, int], spec: AnyresSpec) -> str:
+    from sparsevlm_jax.anyres import anyres_grid
+
+    rows, cols = anyres_grid(hw, spec)
+    return f"{rows}x{cols}"
 
 
 def _itemsize(name: str) -> int:

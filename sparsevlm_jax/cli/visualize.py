@@ -1,4 +1,8 @@
-"""`sparsevlm visualize`: a PNG of the patches kept at each pruning layer for one question."""
+"""`sparsevlm visualize`: a PNG of the patches kept at each pruning layer for one question.
+
+On LLaVA-NeXT the picture is drawn on the original image (base-tile cells above, grid cells
+below, `sparsevlm_jax.visualize.render_anyres`) and the output says the image's visual count.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +20,8 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     picture = kept_picture(image, pipe.processor, pipe.cfg, stats["layers"])
     save_atomic(picture, args.out)
     print(result.text)
+    if pipe.cfg.family == "llava_next":
+        print(f"image {image.height}x{image.width} (h x w): {stats['visual_tokens']} visual tokens")
     for x in stats["layers"]:
         print(f"layer {x['layer']}: {len(x['kept'])} kept + {x['recycled']} recycled")
     print(f"wrote {args.out} ({picture.width}x{picture.height}, {len(stats['layers']) + 1} panels)")
