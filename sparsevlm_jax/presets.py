@@ -1,17 +1,25 @@
-"""Named model shapes (no weights): LLaVA-1.5-7B/13B and a CPU-sized `mini`.
+"""Named model shapes (no weights): LLaVA-1.5-7B/13B, LLaVA-NeXT-7B and CPU-sized minis.
 
 Used for abstract lowering (FLOPs, compile time, memory) and benchmarks. `mini` keeps what
 decides the pruning's cost structure — 576 visual tokens and 32 decoder layers, so the default
 pruning layers apply — and shrinks the widths so it runs on two CPU cores in seconds.
+`llava-next-7b` is LLaVA-NeXT (1.6) Vicuna-7B: CLIP-L/336 tiles on llava-v1.6's five
+pinpoints (1,176-2,928 visual tokens per image), the Llama-7B decoder; `mini-next` is `mini`
+with the same anyres tiling.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 
 from sparsevlm_jax.batch import Batch
 from sparsevlm_jax.config import LlavaConfig, TextConfig, VisionConfig
+
+if TYPE_CHECKING:
+    from sparsevlm_jax.anyres import AnyresSpec
 
 CLIP_L_336 = VisionConfig()  # ViT-L/14 at 336 px: 576 patches, 24 layers, width 1024
 
@@ -47,17 +55,64 @@ def mini(dtype: str = "float32") -> LlavaConfig:
     return LlavaConfig(vision=vision, text=text, param_dtype=dtype, dtype=dtype)
 
 
-SHAPES = {"llava-1.5-7b": llava_1_5_7b, "llava-1.5-13b": llava_1_5_13b, "mini": mini}
+# llava-hf/llava-v1.6-vicuna-7b-hf's image_grid_pinpoints, (height, width).
+NEXT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
 
 
-def abstract_batch(cfg: LlavaConfig, batch: int = 1, prefix: int = 48, text: int = 64) -> Batch:
+def llava_next_7b(dtype: str = "bfloat16") -> LlavaConfig:
+    """LLaVA-NeXT Vicuna-7B (llava-v1.6-vicuna-7b): the 1.5-7B shape with anyres tiling."""
+    return llava_1_5_7b(dtype).replace(family="llava_next", image_grid_pinpoints=NEXT_PINPOINTS)
+
+
+def mini_next(dtype: str = "float32") -> LlavaConfig:
+    """`mini` with LLaVA-NeXT's anyres tiling (336-px tiles, llava-v1.6's pinpoints)."""
+    return mini(dtype).replace(family="llava_next", image_grid_pinpoints=NEXT_PINPOINTS)
+
+
+SHAPES = {
+    "llava-1.5-7b": llava_1_5_7b,
+    "llava-1.5-13b": llava_1_5_13b,
+    "llava-next-7b": llava_next_7b,
+    "mini": mini,
+    "mini-next": mini_next,
+}
+
+
+def anyres_spec(cfg: LlavaConfig) -> AnyresSpec:
+    """The tiling of a llava_next shape as llava-hf's processor does it (CLIP mean / std,
+    shortest edge = the tile size)."""
+    from sparsevlm_jax.anyres import AnyresSpec
+    from sparsevlm_jax.processing import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    return AnyresSpec(
+        pinpoints=cfg.image_grid_pinpoints,
+        tile_size=cfg.vision.image_size,
+        patch_size=cfg.vision.patch_size,
+        image_mean=OPENAI_CLIP_MEAN,
+        image_std=OPENAI_CLIP_STD,
+        shortest_edge=cfg.vision.image_size,
+    )
+
+
+def abstract_batch(
+    cfg: LlavaConfig, batch: int = 1, prefix: int = 48, text: int = 64, visual: int | None = None
+) -> Batch:
     """ShapeDtypeStructs of one bucket (defaults: vicuna_v1's 35-token prefix, ~60-token
-    question)."""
-    s = cfg.vision.image_size
+    question). `visual`: the visual slots of a llava_next bucket (its `visual_index` width;
+    the pixels are then `max_tiles` tiles per example)."""
+    s, c = cfg.vision.image_size, cfg.vision.num_channels
+    if cfg.family == "llava_next":
+        if visual is None:
+            raise ValueError("a llava_next batch needs its visual slot count")
+        pixels = jax.ShapeDtypeStruct((batch, cfg.max_tiles, s, s, c), jnp.float32)
+        index = jax.ShapeDtypeStruct((batch, visual), jnp.int32)
+    else:
+        pixels, index = jax.ShapeDtypeStruct((batch, s, s, c), jnp.float32), None
     return Batch(
         prefix_ids=jax.ShapeDtypeStruct((batch, prefix), jnp.int32),
         prefix_mask=jax.ShapeDtypeStruct((batch, prefix), jnp.bool_),
         text_ids=jax.ShapeDtypeStruct((batch, text), jnp.int32),
         text_mask=jax.ShapeDtypeStruct((batch, text), jnp.bool_),
-        pixel_values=jax.ShapeDtypeStruct((batch, s, s, cfg.vision.num_channels), jnp.float32),
+        pixel_values=pixels,
+        visual_index=index,
     )

@@ -16,11 +16,14 @@ from sparsevlm_jax.bench.runs import DEADLINE_COMPILE_SHARE, run_flops, run_full
 from sparsevlm_jax.bench.targets import flops_targets, latency_targets
 from sparsevlm_jax.bench.timing import device_slug, prepare_environment
 from sparsevlm_jax.bench.workloads import (
+    IMAGE_SETS,
     PREFIX_TOKENS,
     TEXT_TOKENS,
+    TIMED_IMAGES,
     Options,
     Workload,
     method_list,
+    parse_image_sets,
 )
 from sparsevlm_jax.presets import SHAPES
 
@@ -45,7 +48,9 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
         description="Prefill FLOPs, latency, decode step, memory and compile time: dense vs "
         "every named sparse preset, XLA vs PyTorch. Writes JSON, markdown and a PNG plot.",
         epilog="examples:\n  sparsevlm bench --shape llava-1.5-7b --flops-only --json\n"
+        "  sparsevlm bench --shape llava-next-7b --flops-only\n"
         "  sparsevlm bench --shape mini\n"
+        "  sparsevlm bench --shape mini-next --images 480x640\n"
         "  sparsevlm bench --shape llava-1.5-7b --dtype bfloat16   # on a GPU",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -70,6 +75,12 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    "v1,fastv-64 (default: every named preset; dense always runs)")  # fmt: skip
     p.add_argument("--prefix-tokens", type=int, default=PREFIX_TOKENS, help="(%(default)s)")
     p.add_argument("--text-tokens", type=int, default=TEXT_TOKENS, help="(%(default)s)")
+    sets = "; ".join(f"{k}={','.join(f'{h}x{w}' for h, w in v)}" for k, v in IMAGE_SETS.items())
+    timed = ",".join(f"{h}x{w}" for h, w in TIMED_IMAGES)
+    p.add_argument("--images", default="", metavar="SETS", help="LLaVA-NeXT shapes: image "
+                   "sizes HEIGHTxWIDTH, one batch per set: sets split by ';', images by ',', "
+                   f"optionally NAME=... (FLOPs-only default: \"{sets}\"; a full run uses "
+                   f"the first set, default {timed})")  # fmt: skip
     t = p.add_argument_group("full run")
     t.add_argument("--warmup", type=int, default=1, help="(%(default)s)")
     t.add_argument("--repeat", type=int, default=5, help="timed prefill rounds (%(default)s)")
@@ -100,18 +111,36 @@ def split_list(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
+def image_sets_from_args(args: argparse.Namespace) -> dict[str, tuple[tuple[int, int], ...]]:
+    """`--images` parsed (ValueError when malformed); defaults: IMAGE_SETS for FLOPs-only
+    runs, TIMED_IMAGES for full runs."""
+    if args.images:
+        return parse_image_sets(args.images)
+    if args.flops_only:
+        return dict(IMAGE_SETS)
+    return {"+".join(f"{h}x{w}" for h, w in TIMED_IMAGES): TIMED_IMAGES}
+
+
 def workload_from_args(args: argparse.Namespace) -> Workload:
+    """The workload; on LLaVA-NeXT shapes with the first image set of `--images`."""
     accel = jax.default_backend() in ("gpu", "tpu")
-    dtype = args.dtype or ("bfloat16" if accel and args.shape != "mini" else "float32")
-    if args.flops_only and args.dtype is None and args.shape != "mini":
+    mini = args.shape.startswith("mini")
+    dtype = args.dtype or ("bfloat16" if accel and not mini else "float32")
+    if args.flops_only and args.dtype is None and not mini:
         dtype = "bfloat16"  # the KV-cache bytes of the real model
+    cfg = SHAPES[args.shape](dtype)
+    images, name = (), ""
+    if cfg.family == "llava_next":
+        name, images = next(iter(image_sets_from_args(args).items()))
     return Workload(
         shape=args.shape,
-        cfg=SHAPES[args.shape](dtype),
+        cfg=cfg,
         prefix_tokens=args.prefix_tokens,
         text_tokens=args.text_tokens,
         max_new_tokens=args.max_new_tokens,
         count_dtype=args.count_dtype,
+        images=images,
+        image_set=name,
     )
 
 
@@ -203,8 +232,10 @@ def run(
     if args.prefix_tokens < 1 or args.text_tokens < 1:
         print(f"{PROG}: error: prompt token counts must be >= 1", file=sys.stderr)
         return 2
+    variable = SHAPES[args.shape]().family == "llava_next"
     try:
-        method_list(split_list(args.methods))
+        method_list(split_list(args.methods), variable)
+        sets = image_sets_from_args(args) if variable else None
     except ValueError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
@@ -217,7 +248,7 @@ def run(
         return 2
     wl = workload_from_args(args)
     if args.flops_only:
-        report = run_flops(wl, count == "compiled", args.quiet, split_list(args.methods))
+        report = run_flops(wl, count == "compiled", args.quiet, split_list(args.methods), sets)
         report["xla_count"]["backend_optimization_level_0"] = fast
         stem = f"{wl.shape}-flops"
     else:

@@ -17,12 +17,21 @@ FLOPs (SPEC §8, "FLOPs = 2 x MACs, MACs/layer = 4nd^2 + 2n^2d + 3ndm"):
   * waste = XLA decoder / ideal - 1, against each ideal: the differences between (a), (b) and
     (c) are bucket padding and unused capacity; XLA / (c) is the cost of everything that is
     not a decoder matmul (pruning, norms, softmax, logits).
+  * LLaVA-NeXT (per-example visual counts, SPEC §9): a batch's ideals are the sums of its
+    examples' (each over its own valid tokens); the program processes every row at the
+    batch's visual slots (the largest count on the visual ladder) and, after each pruning
+    layer, at the batch's largest kept + recycled count. Fixed schedules and FastV decide
+    their counts from V0 alone (`expected_counts`: exact); v1's rank needs weights, so
+    without them it keeps `V1_STATIC_SHAPES_7B`'s counts (its rule is absolute). The vision
+    side subtracted is the tower on every tile plus the packing gather
+    (`llava_next.visual_tokens`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -33,6 +42,7 @@ from sparsevlm_jax.batch import Batch
 from sparsevlm_jax.bench.workloads import Workload
 from sparsevlm_jax.config import LlavaConfig
 from sparsevlm_jax.flops import prefill_flops
+from sparsevlm_jax.model import llama, llava_next
 from sparsevlm_jax.model.clip import image_features
 from sparsevlm_jax.model.llava import KVCache, stage_bounds
 from sparsevlm_jax.params import abstract_params
@@ -41,9 +51,71 @@ from sparsevlm_jax.presets import abstract_batch
 from sparsevlm_jax.sparse.config import SparseConfig
 
 
-def visual_slots_per_layer(cfg: LlavaConfig, sparse: SparseConfig) -> list[int]:
-    """Static visual slots each decoder layer processes."""
-    n, v0 = cfg.text.num_hidden_layers, cfg.num_image_tokens
+def scaled_entry(k: int, v0: int, reference: int | None) -> int:
+    """`sparse.rank.scaled_count` on the host: round(k * v0 / reference), halves to even
+    (exact integer arithmetic), at least 1; `k` itself without a reference."""
+    if not reference:
+        return k
+    q, r = divmod(k * v0, reference)
+    return max(q + int(2 * r > reference or (2 * r == reference and q % 2 == 1)), 1)
+
+
+def expected_counts(
+    sparse: SparseConfig, v0: int, num_layers: int, v1_kept: Sequence[int] | None = None
+) -> tuple[list[int], list[tuple[int, int]]]:
+    """Visual tokens each layer processes for an example with `v0` visual tokens, and (kept,
+    recycled) per pruning layer, as the prefill decides them (`Pruner.budget`, SPEC §3/§4/
+    §9.3). Exact for fixed schedules and FastV; v1 keeps `min(v1_kept[i], V - 1)` (its rank
+    needs weights)."""
+    if not sparse.enabled:
+        return [v0] * num_layers, []
+    n, per_stage, decided = v0, [v0], []
+    for i in range(len(sparse.layers)):
+        if sparse.method == "v1":
+            if v1_kept is None:
+                raise ValueError("v1 needs assumed kept counts without weights")
+            k = min(int(v1_kept[i]), n - 1)
+        elif sparse.method == "fastv":
+            k = min(round(n * (1 - sparse.fastv_ratio)), n)
+        else:
+            k = scaled_entry(sparse.schedule[i], v0, sparse.schedule_tokens)
+            k = min(k, n) if sparse.method == "random" else min(k, n - 1)
+        k = min(max(k, 0), n)
+        rec = 0
+        if sparse.recycles and n - k > 0:
+            rec = ((3 * (n - k)) // 10 + 1) // 10 + 1
+        decided.append((k, rec))
+        n = k + rec
+        per_stage.append(n)
+    out: list[int] = []
+    for s, (start, stop) in enumerate(stage_bounds(num_layers, sparse.layers)):
+        out += [per_stage[s]] * (stop - start)
+    return out, decided
+
+
+def static_capacities(
+    sparse: SparseConfig, visual_counts: Sequence[int], v1_kept: Sequence[int] | None = None
+) -> SparseConfig:
+    """`sparse` as one static program for a batch with these visual counts: at each pruning
+    layer the batch's largest kept and recycled counts (no budget overflows, none is
+    rounded up)."""
+    if not sparse.enabled:
+        return sparse
+    per_row = [
+        expected_counts(sparse, v, 1 + max(sparse.layers), v1_kept)[1] for v in visual_counts
+    ]
+    kept = tuple(max(max(r[i][0] for r in per_row), 1) for i in range(len(sparse.layers)))
+    rec = tuple(max(max(r[i][1] for r in per_row), 1) for i in range(len(sparse.layers)))
+    return sparse.replace(capacity="static", capacities=kept, recycled_capacities=rec)
+
+
+def visual_slots_per_layer(
+    cfg: LlavaConfig, sparse: SparseConfig, visual_slots: int | None = None
+) -> list[int]:
+    """Static visual slots each decoder layer processes (`visual_slots`: the program's visual
+    input width, default the image's fixed count)."""
+    n = cfg.text.num_hidden_layers
+    v0 = cfg.num_image_tokens if visual_slots is None else visual_slots
     if not sparse.enabled:
         return [v0] * n
     from sparsevlm_jax.sparse.prune import plan_capacities
@@ -68,9 +140,18 @@ def ideal_flops(visual: Sequence[int], other: int, cfg: LlavaConfig) -> float:
 
 
 def token_report(
-    wl: Workload, sparse: SparseConfig, visual_valid: Sequence[int] | None = None
+    wl: Workload,
+    sparse: SparseConfig,
+    visual_valid: Sequence[int] | Sequence[Sequence[int]] | None = None,
+    v1_kept: Sequence[int] | None = None,
 ) -> dict[str, Any]:
-    """Per-layer visual counts (valid and static) and the three SPEC §8 ideals."""
+    """Per-layer visual counts (valid and static) and the three SPEC §8 ideals.
+
+    `visual_valid`: measured per-layer valid counts ([L], or [B][L] for a batch); without
+    them an image of fixed size assumes budgets fill the buffers and a LLaVA-NeXT batch
+    takes `expected_counts` (`v1_kept`: v1's assumed kept counts)."""
+    if wl.variable:
+        return batch_token_report(wl, sparse, visual_valid, v1_kept)
     slots = visual_slots_per_layer(wl.cfg, sparse)
     measured = visual_valid is not None
     valid = list(visual_valid) if measured else slots
@@ -92,13 +173,56 @@ def token_report(
     }
 
 
+def batch_token_report(
+    wl: Workload,
+    sparse: SparseConfig,
+    visual_valid: Sequence[Sequence[int]] | None,
+    v1_kept: Sequence[int] | None,
+) -> dict[str, Any]:
+    """`token_report` of a batch whose examples have their own visual counts: per-layer
+    counts are means over the examples (`*_per_example` keeps them all), the ideals sums of
+    the examples' (capacity and padded: every row at the program's slots)."""
+    n_layers = wl.cfg.text.num_hidden_layers
+    layers = sparse.layers if sparse.enabled else ()
+    slots = visual_slots_per_layer(wl.cfg, sparse, wl.visual_slots)
+    measured = visual_valid is not None
+    if measured:
+        rows = [[int(v) for v in row] for row in visual_valid]
+    else:
+        rows = [expected_counts(sparse, v0, n_layers, v1_kept)[0] for v0 in wl.visual_counts]
+    after = [counts_after_layers(r, layers) for r in rows]
+    eq = [float(np.mean(a)) for a in after]
+    b = len(rows)
+    mean = [float(np.mean(col)) for col in zip(*rows, strict=True)]
+    return {
+        "visual_counts_source": "measured"
+        if measured
+        else "expected (fixed schedules and FastV: exact; v1: assumed kept counts)",
+        "visual_tokens_per_layer": mean,
+        "visual_tokens_per_example": rows,
+        "visual_slots_per_layer": slots,
+        "visual_counts_after_layer": [float(np.mean(c)) for c in zip(*after, strict=True)],
+        "equivalent_tokens": float(np.mean(eq)),
+        "equivalent_tokens_per_example": eq,
+        "mean_visual_processed": float(np.mean(mean)),
+        "tokens_per_layer": [v + wl.prompt_tokens for v in mean],
+        "slots_per_layer": [s + wl.prompt_slots for s in slots],
+        "ideal_uniform": sum(ideal_flops([e] * n_layers, wl.prompt_tokens, wl.cfg) for e in eq),
+        "ideal_valid": sum(ideal_flops(r, wl.prompt_tokens, wl.cfg) for r in rows),
+        "ideal_capacity": b * ideal_flops(slots, wl.prompt_tokens, wl.cfg),
+        "ideal_padded": b * ideal_flops(slots, wl.prompt_slots, wl.cfg),
+    }
+
+
 def count_config(wl: Workload) -> LlavaConfig:
     """The config whose program is counted: unrolled scans, in the count dtype."""
     return wl.cfg.replace(param_dtype=wl.count_dtype, dtype=wl.count_dtype, unroll_layers=True)
 
 
 def abstract_inputs(wl: Workload, cfg: LlavaConfig) -> tuple[dict, Batch]:
-    return abstract_params(cfg), abstract_batch(cfg, 1, wl.prefix_bucket, wl.text_bucket)
+    visual = wl.visual_slots if wl.variable else None
+    batch = abstract_batch(cfg, wl.batch, wl.prefix_bucket, wl.text_bucket, visual)
+    return abstract_params(cfg), batch
 
 
 def _cost(lowered: Any, compile_: bool) -> dict[str, float]:
@@ -111,6 +235,29 @@ def _cost(lowered: Any, compile_: bool) -> dict[str, float]:
         out["flops_compiled"] = float(compiled.cost_analysis()["flops"])
     out["flops"] = out.get("flops_compiled", out["flops_lowered"])
     return out
+
+
+@contextlib.contextmanager
+def unblocked_attention() -> Iterator[None]:
+    """Programs traced inside run the prefill attention as one query block (`QUERY_BLOCKS =
+    1`: the whole causal score matrix, as SPEC §8 counts it) instead of skipping the masked
+    key blocks."""
+    old = llama.QUERY_BLOCKS
+    llama.QUERY_BLOCKS = 1
+    try:
+        yield
+    finally:
+        llama.QUERY_BLOCKS = old
+
+
+def xla_full_attention_cost(wl: Workload, sparse: SparseConfig) -> float:
+    """Lowered XLA FLOPs of the whole prefill with `unblocked_attention` (a fresh trace)."""
+    cfg = count_config(wl)
+    params, batch = abstract_inputs(wl, cfg)
+    fn = prefill_jit.__wrapped__  # type: ignore[attr-defined]
+    with unblocked_attention():
+        lowered = jax.jit(lambda p, b: fn(p, b, cfg, sparse, 1)).lower(params, batch)
+    return float(lowered.cost_analysis()["flops"])
 
 
 def xla_prefill_cost(
@@ -128,9 +275,13 @@ def xla_prefill_cost(
 
 
 def xla_vision_cost(wl: Workload, compile_: bool) -> dict[str, float]:
-    """XLA FLOPs of the vision tower + projector alone (subtracted from the prefill's)."""
+    """XLA FLOPs of the vision tower + projector alone (subtracted from the prefill's); on
+    LLaVA-NeXT every tile of every example and the packing gather."""
     cfg = count_config(wl)
     params, batch = abstract_inputs(wl, cfg)
+    if wl.variable:
+        fn = jax.jit(llava_next.visual_tokens, static_argnums=1)
+        return _cost(fn.lower(params, cfg, batch.pixel_values, batch.visual_index), compile_)
     fn = jax.jit(image_features, static_argnums=1)
     return _cost(fn.lower(params, cfg, batch.pixel_values), compile_)
 
@@ -156,6 +307,10 @@ def flops_report(
             "xla_total_lowered": prefill_cost["flops_lowered"],
             "xla_decoder_lowered": prefill_cost["flops_lowered"] - vision["flops_lowered"],
         }
+    if prefill_cost is not None and "flops_full_attention" in prefill_cost and vision is not None:
+        out["xla_decoder_full_attention"] = (
+            prefill_cost["flops_full_attention"] - vision["flops_lowered"]
+        )
     out["ideal_uniform"] = tokens["ideal_uniform"]
     for kind in ("valid", "capacity", "padded"):
         ideal = tokens[f"ideal_{kind}"]
@@ -170,10 +325,12 @@ def add_reductions(results: list[dict[str, Any]]) -> None:
     """FLOPs ratios and reductions vs the dense entry (in place)."""
     dense = results[0]["flops"]
     kinds = ("xla_total", "xla_decoder", "ideal_uniform", "ideal_valid", "ideal_padded")
+    if "xla_decoder_full_attention" in dense:
+        kinds += ("xla_decoder_full_attention",)
     for r in results:
         f = r["flops"]
         r["flops_ratio"] = {
-            k: None if f[k] is None or dense[k] is None else f[k] / dense[k] for k in kinds
+            k: None if f.get(k) is None or dense[k] is None else f[k] / dense[k] for k in kinds
         }
         r["flops_reduction"] = {
             k: None if v is None else 1.0 - v for k, v in r["flops_ratio"].items()

@@ -49,6 +49,8 @@ def workload_of(report: dict[str, Any]) -> Workload:
         text_tokens=w["text_tokens"],
         max_new_tokens=w["max_new_tokens"],
         count_dtype=w["count_dtype"],
+        images=tuple(tuple(hw) for hw in w.get("images", [])),
+        image_set=w.get("image_set", ""),
     )
 
 

@@ -141,6 +141,60 @@ def plot_figure(report: dict[str, Any], title: str = "") -> Figure:
     return Figure(title, panels, legend)
 
 
+def flops_sets_figure(report: dict[str, Any], title: str = "") -> Figure:
+    """FLOPs-only reports over image sets (LLaVA-NeXT): per set, how far the XLA-counted
+    decoder FLOPs reduction vs dense is from the valid-token ideal's (points), against kept
+    visual tokens, one colour per method family; solid = the program as run, dashed = with
+    the whole causal attention (SPEC §8's count); grey band: the ±1 point target."""
+    from sparsevlm_jax.bench.targets import NEXT_REDUCTION_GAP, groups
+
+    panels = []
+    families: list[str] = []
+    band = 100 * NEXT_REDUCTION_GAP
+    for group in groups(report["results"]):
+        dense, series = group[0], []
+        for fam in _families(group):
+            if fam not in families:
+                families.append(fam)
+            i = families.index(fam)
+            members = sorted(
+                (e for e in group[1:] if e["method"] == fam), key=lambda e: e["equivalent_tokens"]
+            )
+            for key, dashed in (("xla_decoder", False), ("xla_decoder_full_attention", True)):
+                pts, labels = [], []
+                for e in members:
+                    red = e["flops_reduction"]
+                    if red.get(key) is not None:
+                        pts.append((e["equivalent_tokens"], 100 * (red[key] - red["ideal_valid"])))
+                        labels.append(str(e["budget"]))
+                if pts:
+                    series.append(Series(f"{fam} {key}", pts, i, dashed, labels=labels))
+        w = dense.get("workload", {})
+        counts = ", ".join(map(str, w.get("visual_counts", [])))
+        slots = w.get("visual_slots", "?")
+        slots = ", ".join(map(str, slots)) if isinstance(slots, list) else slots
+        how = "one batch per image" if w.get("separate_batches") else f"batch of {w.get('batch')}"
+        lo = min([-3.0] + [y for s in series for _, y in s.points])
+        hi = max([3.0] + [y for s in series for _, y in s.points])
+        panels.append(
+            Panel(
+                f"{dense.get('image_set')} ({how})\nV0 = {counts}; slots {slots}",
+                "kept visual tokens per example (equivalent, SPEC §6)",
+                "XLA reduction − ideal (valid) reduction (points)",
+                series,
+                references=[Reference("target", 0.0, -band, band, "-")],
+                ylim=(lo - 0.3, hi + 0.3),
+            )
+        )
+    legend = [Series(f, [], i) for i, f in enumerate(families)]
+    legend += [
+        Series("solid: XLA as run (masked attention blocks skipped)", [], -1),
+        Series("dashed: XLA with the whole causal attention (SPEC §8's count)", [], -1, True),
+        Series("grey band: within ±1 point; labels: named budget", [], -1),
+    ]
+    return Figure(title, panels, legend)
+
+
 # ----------------------------------------------------------------------------------------------
 # Drawing (matplotlib, imported lazily)
 

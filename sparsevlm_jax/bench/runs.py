@@ -10,11 +10,14 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
+
 from sparsevlm_jax.batch import make_batch
 from sparsevlm_jax.bench.flops import (
     add_reductions,
     flops_report,
     token_report,
+    xla_full_attention_cost,
     xla_prefill_cost,
     xla_vision_cost,
 )
@@ -36,13 +39,17 @@ from sparsevlm_jax.bench.torch_side import (
     torch_inputs,
 )
 from sparsevlm_jax.bench.workloads import (
+    EACH,
+    IMAGE_SETS,
     Options,
     Workload,
     bench_sparse_config,
     method_label,
     method_list,
+    next_inputs,
     prompt_ids,
     random_pixels,
+    v1_shape,
 )
 from sparsevlm_jax.config import LlavaConfig
 from sparsevlm_jax.eval import sparse_to_json
@@ -70,24 +77,133 @@ def report_header(
             "source": "compiled" if compile_ else "lowered",
             "dtype": wl.count_dtype,
             "how": "prefill_jit lowered with unroll_layers=True and abstract weights; "
-            "decoder = prefill - vision tower (image_features lowered alone); a bucketed "
-            "run is counted on the static program with the capacities it chose",
+            "decoder = prefill - vision tower (image_features lowered alone; LLaVA-NeXT: "
+            "llava_next.visual_tokens, every tile + the packing gather); a bucketed run is "
+            "counted on the static program with the capacities it chose",
         },
     }
 
 
 def run_flops(
-    wl: Workload, compile_: bool, quiet: bool, methods: Sequence[str] = ()
+    wl: Workload,
+    compile_: bool,
+    quiet: bool,
+    methods: Sequence[str] = (),
+    image_sets: dict[str, tuple[tuple[int, int], ...]] | None = None,
 ) -> dict[str, Any]:
-    """XLA-counted and ideal prefill FLOPs of every method, by abstract lowering."""
+    """XLA-counted and ideal prefill FLOPs of every method, by abstract lowering.
+
+    LLaVA-NeXT shapes are counted on each of `image_sets` (default `IMAGE_SETS`): every entry
+    then names its `image_set`, and reductions are against that set's dense entry."""
+    if not wl.variable:
+        vision = xla_vision_cost(wl, compile_)
+        results = flops_entries(wl, compile_, quiet, methods, vision)
+        return {
+            **report_header("flops", wl, None, compile_),
+            "vision_count": vision,
+            "results": results,
+            "targets": flops_targets(results),
+        }
+    results, visions = [], {}
+    sets = image_sets or IMAGE_SETS
+    for name, images in sets.items():
+        if name.startswith(EACH):  # one batch per image, counts summed
+            name = name[len(EACH) :]
+            singles = [dataclasses.replace(wl, images=(hw,), image_set=name) for hw in images]
+            per_image = []
+            for one in singles:
+                vision = xla_vision_cost(one, compile_)
+                per_image.append(flops_entries(one, compile_, quiet, methods, vision))
+            entries = [sum_entries(list(es)) for es in zip(*per_image, strict=True)]
+            add_reductions(entries)
+            visions[name] = {"flops": sum(es[0]["flops"]["xla_vision"] for es in per_image)}
+            describe = {**singles[0].describe(), "separate_batches": True}
+            describe.update(
+                batch=1,
+                images=[list(hw) for hw in images],
+                visual_counts=[c for one in singles for c in one.visual_counts],
+                visual_slots=[one.visual_slots for one in singles],
+            )
+            for e in entries:
+                results.append({"image_set": name, "workload": describe, **e})
+            continue
+        set_wl = dataclasses.replace(wl, images=tuple(images), image_set=name)
+        visions[name] = xla_vision_cost(set_wl, compile_)
+        for e in flops_entries(set_wl, compile_, quiet, methods, visions[name]):
+            results.append({"image_set": name, "workload": set_wl.describe(), **e})
+    header = report_header("flops", dataclasses.replace(wl, image_set=""), None, compile_)
+    for key in ("images", "visual_counts", "visual_slots", "image_set"):  # per set: results
+        header["workload"].pop(key, None)
+    return {
+        **header,
+        "image_sets": {k.removeprefix(EACH): [list(hw) for hw in v] for k, v in sets.items()},
+        "vision_count": visions,
+        "results": results,
+        "targets": flops_targets(results),
+    }
+
+
+SUMMED_FLOPS = (
+    "xla_total",
+    "xla_vision",
+    "xla_decoder",
+    "xla_total_lowered",
+    "xla_decoder_lowered",
+    "xla_decoder_full_attention",
+    "ideal_uniform",
+    "ideal_valid",
+    "ideal_capacity",
+    "ideal_padded",
+)
+
+
+def sum_entries(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """One method's entries on images run one per batch, as one entry: FLOPs and KV bytes
+    summed, per-layer counts averaged over the images (each image's kept in `per_image`)."""
+    first = entries[0]
+    f = {k: sum(e["flops"][k] for e in entries) for k in SUMMED_FLOPS if k in first["flops"]}
+    for kind in ("valid", "capacity", "padded"):
+        f[f"waste_vs_{kind}"] = f["xla_decoder"] / f[f"ideal_{kind}"] - 1.0
+    f["padding_overhead"] = f["ideal_padded"] / f["ideal_capacity"] - 1.0
+    f["unused_capacity_overhead"] = f["ideal_capacity"] / f["ideal_valid"] - 1.0
+    rows = [r for e in entries for r in e["visual_tokens_per_example"]]
+    eq = [x for e in entries for x in e["equivalent_tokens_per_example"]]
+    mean = [float(np.mean(col)) for col in zip(*rows, strict=True)]
+    kv = {k: sum(e["kv_cache"][k] for e in entries) for k in ("bytes", "prompt_bytes")}
+    return {
+        "method": first["method"],
+        "budget": first["budget"],
+        "label": first["label"],
+        "sparse_config": first["sparse_config"],
+        "sparse_configs": [e["sparse_config"] for e in entries],
+        "visual_counts_source": first["visual_counts_source"],
+        "visual_tokens_per_layer": mean,
+        "visual_tokens_per_example": rows,
+        "visual_slots_per_layer": first["visual_slots_per_layer"],
+        "equivalent_tokens": float(np.mean(eq)),
+        "equivalent_tokens_per_example": eq,
+        "mean_visual_processed": float(np.mean(mean)),
+        **{k: f[k] for k in ("ideal_uniform", "ideal_valid", "ideal_capacity", "ideal_padded")},
+        "flops": f,
+        "kv_cache": {**kv, "decode_slots": first["kv_cache"]["decode_slots"], "stages": []},
+        "per_image": entries,
+    }
+
+
+def flops_entries(
+    wl: Workload, compile_: bool, quiet: bool, methods: Sequence[str], vision: dict[str, float]
+) -> list[dict[str, Any]]:
+    """One FLOPs entry per method on one workload, with reductions vs its dense entry."""
     from tqdm.auto import tqdm
 
-    vision = xla_vision_cost(wl, compile_)
     results = []
-    for method, budget in tqdm(method_list(methods), desc=f"FLOPs {wl.shape}", disable=quiet):
-        sparse = bench_sparse_config(method, budget, wl.cfg)
+    desc = f"FLOPs {wl.shape}" + (f" {wl.image_set}" if wl.image_set else "")
+    for method, budget in tqdm(method_list(methods, wl.variable), desc=desc, disable=quiet):
+        sparse = bench_sparse_config(method, budget, wl.cfg, visual_counts=wl.visual_counts)
         cost, kv = xla_prefill_cost(wl, sparse, compile_)
-        tokens = token_report(wl, sparse)
+        if wl.variable:  # long sequences: the block-skipped attention is a visible share
+            cost["flops_full_attention"] = xla_full_attention_cost(wl, sparse)
+        tokens = token_report(wl, sparse, v1_kept=v1_shape(method, budget))
         results.append(
             {
                 "method": method,
@@ -101,12 +217,7 @@ def run_flops(
             }
         )
     add_reductions(results)
-    return {
-        **report_header("flops", wl, None, compile_),
-        "vision_count": vision,
-        "results": results,
-        "targets": flops_targets(results),
-    }
+    return results
 
 
 def pick_init(cfg: LlavaConfig, init: str, torch_on: bool) -> str:
@@ -143,8 +254,13 @@ def run_full(wl: Workload, opts: Options) -> dict[str, Any]:
         torch.set_num_threads(opts.threads or usable_cores())
     model, params, wl, init = build_models(wl, opts)
     prefix, text = prompt_ids(wl, opts.seed)
-    pixels = random_pixels(wl.cfg, opts.seed)
-    batch_host, _ = make_batch([prefix], [text], pixels, wl.buckets)
+    if wl.variable:  # LLaVA-NeXT: the tiles and visual indices of `wl.images`
+        pixels, index, _ = next_inputs(wl, opts.seed)
+        n = wl.batch
+        batch_host, _ = make_batch([prefix] * n, [text] * n, pixels, wl.buckets, index)
+    else:
+        pixels = random_pixels(wl.cfg, opts.seed)
+        batch_host, _ = make_batch([prefix], [text], pixels, wl.buckets)
     vision = xla_vision_cost(wl, opts.compile_count) if opts.count_flops else None
 
     entries: list[dict[str, Any]] = []
@@ -155,7 +271,8 @@ def run_full(wl: Workload, opts: Options) -> dict[str, Any]:
     ids = pix = None
     if model is not None:
         ids, pix = torch_inputs(wl, prefix, text, pixels, opts.torch_device)
-    for method, budget in tqdm(method_list(opts.methods), desc="compile", disable=opts.quiet):
+    methods = method_list(opts.methods, wl.variable)
+    for method, budget in tqdm(methods, desc="compile", disable=opts.quiet):
         label = method_label(method, budget)
         elapsed = time.monotonic() - started
         if entries and opts.deadline_s and elapsed > DEADLINE_COMPILE_SHARE * opts.deadline_s:

@@ -154,7 +154,8 @@ class JaxMethod:
             self.compile_s.update(prefill_lower=t1 - t0, prefill_compile=time.perf_counter() - t1)
             logits, cache, stats = self.prefill_c(params, self.batch)
             jax.block_until_ready(logits)
-        self.stats = {k: np.asarray(v)[0] for k, v in stats.items()}
+        self.all_stats = {k: np.asarray(v) for k, v in stats.items()}
+        self.stats = {k: v[0] for k, v in self.all_stats.items()}
         self.kv = kv_report(cache, sparse, wl.cfg, wl.max_new_tokens)
         self.kv["nbytes"] = cache.nbytes()
         self.first_token = np.asarray(first_token_jit(logits))
@@ -198,11 +199,15 @@ class JaxMethod:
         self.tok.block_until_ready()
         self.steps += 1
 
-    def visual_valid(self) -> list[int] | None:
-        """Valid visual tokens each layer processed (from the prefill statistics)."""
+    def visual_valid(self) -> list[int] | list[list[int]] | None:
+        """Valid visual tokens each layer processed (from the prefill statistics); per
+        example ([B][L]) on families with per-example visual counts."""
         if "tokens_per_layer" not in self.stats:
             return None
         other = self.wl.prompt_tokens
+        if self.wl.variable:
+            rows = np.asarray(self.all_stats["tokens_per_layer"])[: self.wl.batch]
+            return [[int(t) - other for t in row] for row in rows]
         return [int(t) - other for t in self.stats["tokens_per_layer"]]
 
     def pruning_stats(self) -> dict[str, Any]:

@@ -53,7 +53,7 @@ def hf_llava_config(cfg: LlavaConfig) -> Any:
         bos_token_id=t.bos_token_id,
         eos_token_id=list(t.eos_token_ids) or None,
     )
-    out = transformers.LlavaConfig(
+    kw: dict[str, Any] = dict(
         vision_config=vision,
         text_config=text,
         image_token_index=image_token_id(cfg),
@@ -62,8 +62,22 @@ def hf_llava_config(cfg: LlavaConfig) -> Any:
         projector_hidden_act=cfg.projector_hidden_act,
         multimodal_projector_bias=cfg.projector_bias,
     )
+    if cfg.family == "llava_next":
+        pins = [list(p) for p in cfg.image_grid_pinpoints]
+        out = transformers.LlavaNextConfig(image_grid_pinpoints=pins, **kw)
+    else:
+        out = transformers.LlavaConfig(**kw)
     out._attn_implementation = "sdpa"
     return out
+
+
+def hf_model_class(cfg: LlavaConfig) -> Any:
+    """transformers' model class of the family (LLaVA-NeXT: LlavaNextForConditionalGeneration)."""
+    import transformers
+
+    if cfg.family == "llava_next":
+        return transformers.LlavaNextForConditionalGeneration
+    return transformers.LlavaForConditionalGeneration
 
 
 def torch_dtype(name: str) -> Any:
@@ -84,14 +98,15 @@ def same_shape(a: LlavaConfig, b: LlavaConfig) -> bool:
 def shared_weights(cfg: LlavaConfig, device: str, seed: int) -> tuple[Any, dict, LlavaConfig]:
     """A random transformers model and the SAME weights in JAX (save_pretrained + convert)."""
     import torch
-    import transformers
 
     from convert import load_transformers
 
     torch.manual_seed(seed)
-    model = transformers.LlavaForConditionalGeneration._from_config(
-        hf_llava_config(cfg), dtype=torch.float32, attn_implementation="sdpa"
-    ).eval()
+    model = (
+        hf_model_class(cfg)
+        ._from_config(hf_llava_config(cfg), dtype=torch.float32, attn_implementation="sdpa")
+        .eval()
+    )
     with tempfile.TemporaryDirectory(prefix="sparsevlm-bench-") as d:
         model.save_pretrained(d)
         params, converted = load_transformers(d, dtype=cfg.dtype)
@@ -108,23 +123,51 @@ def device_weights(cfg: LlavaConfig, device: str | None, seed: int) -> tuple[Any
     if device is None:
         return None, params
     import torch
-    import transformers
 
     torch.manual_seed(seed)
     with torch.device(device):
-        model = transformers.LlavaForConditionalGeneration._from_config(
-            hf_llava_config(cfg), dtype=torch_dtype(cfg.dtype), attn_implementation="sdpa"
-        ).eval()
+        model = (
+            hf_model_class(cfg)
+            ._from_config(
+                hf_llava_config(cfg), dtype=torch_dtype(cfg.dtype), attn_implementation="sdpa"
+            )
+            .eval()
+        )
     return model, params
 
 
 def torch_inputs(wl: Workload, prefix: list[int], text: list[int], pixels: np.ndarray, dev: str):
+    """(input_ids, pixel_values) of example 0; LLaVA-NeXT: pixel_values [1, tiles, C, H, W]
+    of its real tiles, the image token repeated its visual count, and `image_sizes`."""
     import torch
 
-    n_img = wl.cfg.num_image_tokens
+    n_img = wl.visual_counts[0]
     ids = torch.tensor([prefix + [image_token_id(wl.cfg)] * n_img + text], device=dev)
-    pix = torch.tensor(pixels, device=dev).permute(0, 3, 1, 2).to(torch_dtype(wl.cfg.dtype))
-    return ids, pix
+    dtype = torch_dtype(wl.cfg.dtype)
+    if not wl.variable:
+        return ids, TorchPixels(torch.tensor(pixels, device=dev).permute(0, 3, 1, 2).to(dtype))
+    from sparsevlm_jax.anyres import anyres_grid
+    from sparsevlm_jax.presets import anyres_spec
+
+    rows, cols = anyres_grid(wl.images[0], anyres_spec(wl.cfg))
+    tiles = torch.tensor(pixels[:1, : 1 + rows * cols], device=dev).permute(0, 1, 4, 2, 3)
+    sizes = torch.tensor([list(wl.images[0])], device=dev)
+    return ids, TorchPixels(tiles.to(dtype), sizes)
+
+
+@dataclasses.dataclass
+class TorchPixels:
+    """Pixel values as the transformers model takes them, with LLaVA-NeXT's image sizes."""
+
+    values: Any
+    image_sizes: Any = None
+
+    def kwargs(self) -> dict[str, Any]:
+        """`pixel_values` (and `image_sizes`) keyword arguments."""
+        out = {"pixel_values": self.values}
+        if self.image_sizes is not None:
+            out["image_sizes"] = self.image_sizes
+        return out
 
 
 def _sync(device: str) -> None:
@@ -165,7 +208,7 @@ class TorchDense:
 
         with torch.no_grad():
             out = self.model(
-                input_ids=self.ids, pixel_values=self.pixels, use_cache=True, logits_to_keep=1
+                input_ids=self.ids, **self.pixels.kwargs(), use_cache=True, logits_to_keep=1
             )
         _sync(self.device)
         return out
@@ -203,7 +246,14 @@ class TorchReference:
     def _prefill(self) -> Any:
         from sparsevlm_jax.reference import reference_prefill
 
-        res = reference_prefill(self.model, self.ids, self.pixels, self.params, track_margins=False)
+        res = reference_prefill(
+            self.model,
+            self.ids,
+            self.pixels.values,
+            self.params,
+            track_margins=False,
+            image_sizes=self.pixels.image_sizes,
+        )
         _sync(self.device)
         return res
 

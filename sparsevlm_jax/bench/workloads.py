@@ -10,6 +10,12 @@ speed does not depend on their values.
 The prompt is laid out in the buckets a serving process uses (`Workload.buckets`): the
 template's prefix gets its exact-length bucket (`Buckets.with_prefix`), the text the default
 ladder.
+
+LLaVA-NeXT shapes (family llava_next) also take the images' sizes (`Workload.images`, height x
+width): each example's visual count follows from its aspect ratio (`anyres`), the batch's
+largest is rounded up to the visual ladder (`Buckets.visual`), and the presets are the
+family's (`variable_visual_budgets`: schedules written for 576 tokens scale with each
+example's count, SPEC §9.3). A FLOPs-only run counts them on image sets (`IMAGE_SETS`).
 """
 
 from __future__ import annotations
@@ -27,10 +33,12 @@ from sparsevlm_jax.batch import Buckets
 from sparsevlm_jax.config import LlavaConfig
 from sparsevlm_jax.params import flatten, param_shapes, unflatten
 from sparsevlm_jax.sparse.config import (
+    NEXT_BUDGETS,
     V1_STATIC_SHAPES_7B,
     SparseConfig,
     named_presets,
     named_sparse_config,
+    variable_visual_budgets,
 )
 
 PREFIX_TOKENS = 35  # vicuna_v1 system prompt + "USER: " before the image
@@ -42,9 +50,50 @@ TEXT_TOKENS = 60  # a realistic question + " ASSISTANT:" after the image
 STATIC_SHAPES: dict[str, dict[int, tuple[int, ...]]] = {"v1": V1_STATIC_SHAPES_7B}
 
 
+Size = tuple[int, int]
+
+MIXED: tuple[Size, ...] = ((480, 640), (720, 1280), (336, 336), (672, 672))
+# Image sets (height, width) of LLaVA-NeXT FLOPs-only runs: the largest visual count of the
+# llava-v1.6 pinpoints (672x672: 2,928 tokens), a batch of mixed aspect ratios (rows padded to
+# the batch's largest), and the same images one per batch (`EACH`: padding to the visual ladder
+# only; the set's counts are the sums of its images').
+EACH = "each:"
+IMAGE_SETS: dict[str, tuple[Size, ...]] = {
+    "672x672": ((672, 672),),
+    "mixed-batch": MIXED,
+    f"{EACH}mixed-one-by-one": MIXED,
+}
+# The timed (full) run's image on LLaVA-NeXT shapes.
+TIMED_IMAGES: tuple[Size, ...] = ((480, 640),)
+
+
+def parse_image_sets(text: str) -> dict[str, tuple[Size, ...]]:
+    """`672x672;480x640,720x1280` -> {"672x672": ..., "480x640+720x1280": ...}: sets split by
+    ';', images by ',', each HEIGHTxWIDTH; an optional `name=` names a set; a name starting
+    with `each:` runs each image as its own batch (the set's FLOPs are their sums)."""
+    out: dict[str, tuple[Size, ...]] = {}
+    for part in (p.strip() for p in text.split(";")):
+        if not part:
+            continue
+        name, _, sizes = part.rpartition("=")
+        images = []
+        for item in (x.strip() for x in sizes.split(",") if x.strip()):
+            h, sep, w = item.lower().partition("x")
+            if not sep or not h.isdigit() or not w.isdigit() or int(h) < 1 or int(w) < 1:
+                raise ValueError(f"image size {item!r} is not HEIGHTxWIDTH")
+            images.append((int(h), int(w)))
+        if not images:
+            raise ValueError(f"no image sizes in {part!r}")
+        out[name.strip() or "+".join(f"{h}x{w}" for h, w in images)] = tuple(images)
+    if not out:
+        raise ValueError("no image sets given")
+    return out
+
+
 @dataclass(frozen=True)
 class Workload:
-    """One benchmark setting: model shape, dtype, prompt sizes and their buckets."""
+    """One benchmark setting: model shape, dtype, prompt sizes and their buckets; for
+    LLaVA-NeXT shapes the images' (height, width), one example each (`images`)."""
 
     shape: str
     cfg: LlavaConfig
@@ -52,6 +101,39 @@ class Workload:
     text_tokens: int = TEXT_TOKENS
     max_new_tokens: int = 32
     count_dtype: str = "float32"
+    images: tuple[Size, ...] = ()
+    image_set: str = ""
+
+    def __post_init__(self) -> None:
+        if self.variable and not self.images:
+            raise ValueError(f"shape {self.shape} needs image sizes")
+
+    @property
+    def variable(self) -> bool:
+        """Whether visual counts vary per example (LLaVA-NeXT)."""
+        return self.cfg.family == "llava_next"
+
+    @property
+    def batch(self) -> int:
+        return max(len(self.images), 1)
+
+    @property
+    def visual_counts(self) -> list[int]:
+        """Valid visual tokens of each example (V0)."""
+        if not self.variable:
+            return [self.cfg.num_image_tokens]
+        from sparsevlm_jax.anyres import num_visual_tokens
+        from sparsevlm_jax.presets import anyres_spec
+
+        spec = anyres_spec(self.cfg)
+        return [num_visual_tokens(hw, spec) for hw in self.images]
+
+    @property
+    def visual_slots(self) -> int:
+        """Visual slots of the compiled program: the largest count on the visual ladder."""
+        if not self.variable:
+            return self.cfg.num_image_tokens
+        return Buckets.pick(self.buckets.visual, max(self.visual_counts), "visual token count")
 
     @property
     def buckets(self) -> Buckets:
@@ -78,11 +160,11 @@ class Workload:
 
     def describe(self) -> dict[str, Any]:
         t = self.cfg.text
-        return {
+        out = {
             "shape": self.shape,
             "model_dtype": self.cfg.dtype,
             "count_dtype": self.count_dtype,
-            "batch": 1,
+            "batch": self.batch,
             "prefix_tokens": self.prefix_tokens,
             "text_tokens": self.text_tokens,
             "prefix_bucket": self.prefix_bucket,
@@ -96,6 +178,22 @@ class Workload:
             "vision_layers_run": self.cfg.vision_layers_used,
             "max_new_tokens": self.max_new_tokens,
         }
+        if self.variable:
+            out.update(
+                family=self.cfg.family,
+                image_grid_pinpoints=[list(p) for p in self.cfg.image_grid_pinpoints],
+                image_set=self.image_set,
+                images=[list(hw) for hw in self.images],
+                visual_counts=self.visual_counts,
+                visual_slots=self.visual_slots,
+                visual_ladder_steps_per_octave=ladder_steps(self.buckets.visual),
+            )
+        return out
+
+
+def ladder_steps(ladder: Sequence[int]) -> int:
+    """Steps per octave of a visual ladder (rungs in [1024, 2048))."""
+    return sum(1024 <= x < 2048 for x in ladder)
 
 
 @dataclass
@@ -119,10 +217,29 @@ class Options:
     methods: tuple[str, ...] = field(default_factory=tuple)
 
 
-def method_list(select: Sequence[str] = ()) -> list[tuple[str, int | None]]:
+# LLaVA-NeXT runs measure the community's budgets (640 / 320 / 160 of 2880) and 192 of 576;
+# 128 and 64 of 576 are the same configs as 640 and 320 (SPEC §9.3), 96 is not run by default.
+NEXT_DEFAULT_576 = (192,)
+
+
+def variable_presets() -> list[tuple[str, int]]:
+    """Every (method, budget) of the families with per-example visual counts."""
+    return [(m, b) for m in dict(named_presets()) for b in variable_visual_budgets(m)]
+
+
+def method_list(select: Sequence[str] = (), variable: bool = False) -> list[tuple[str, int | None]]:
     """Dense first, then every named preset of the registry; `select` keeps the entries whose
-    method name or label (e.g. "v1", "v1-64") it lists (dense is always kept)."""
-    every = [("dense", None), *named_presets()]
+    method name or label (e.g. "v1", "v1-64") it lists (dense is always kept).
+
+    `variable` (LLaVA-NeXT): the presets of `variable_visual_budgets`; without `select` the
+    NeXT budgets 640 / 320 / 160 and 192 of 576 (`NEXT_DEFAULT_576`)."""
+    if variable:
+        every = [("dense", None), *variable_presets()]
+        if not select:
+            keep = set(NEXT_BUDGETS) | set(NEXT_DEFAULT_576)
+            return [(m, b) for m, b in every if b is None or b in keep]
+    else:
+        every = [("dense", None), *named_presets()]
     if not select:
         return every
     known = {m for m, _ in every} | {method_label(m, b) for m, b in every}
@@ -137,14 +254,32 @@ def method_label(method: str, budget: int | None) -> str:
 
 
 def bench_sparse_config(
-    method: str, budget: int | None, cfg: LlavaConfig, static: bool = True
+    method: str,
+    budget: int | None,
+    cfg: LlavaConfig,
+    static: bool = True,
+    visual_counts: Sequence[int] | None = None,
 ) -> SparseConfig:
     """The preset as benchmarked.
 
     static=False (timed runs): the preset's own capacity policy (v1: `bucketed`).
     static=True (one program to lower, FLOPs-only runs): static capacities, a known static
-    shape for rank-adaptive methods, else the method's own schedule.
+    shape for rank-adaptive methods, else the method's own schedule. LLaVA-NeXT
+    (`visual_counts`: each example's V0): the capacities are the batch's largest budgets and
+    recycled counts at each pruning layer (`flops.expected_counts`), what the bucketed run
+    would see before rounding to its capacity ladder.
     """
+    if cfg.family == "llava_next":
+        sparse = named_sparse_config(
+            method, budget, cfg.text.num_hidden_layers, variable_visual=True
+        )
+        if not static or not sparse.enabled:
+            return sparse
+        from sparsevlm_jax.bench.flops import static_capacities
+
+        if visual_counts is None:
+            raise ValueError("a static LLaVA-NeXT config needs the examples' visual counts")
+        return static_capacities(sparse, visual_counts, v1_shape(method, budget))
     sparse = named_sparse_config(
         method, budget, num_layers=cfg.text.num_hidden_layers, num_image_tokens=cfg.num_image_tokens
     )
@@ -157,6 +292,15 @@ def bench_sparse_config(
     if schedule:
         return sparse.with_static_shape(schedule, cfg.num_image_tokens)
     return sparse  # "exact" capacity: reported as such in the sparse_config field
+
+
+def v1_shape(method: str, budget: int | None) -> tuple[int, ...] | None:
+    """The assumed kept counts of a rank-adaptive preset without weights (LLaVA-NeXT names
+    640 / 320 by their 576-token budgets 128 / 64; v1's rule is absolute, SPEC §9.3)."""
+    shapes = STATIC_SHAPES.get(method)
+    if shapes is None or budget is None:
+        return None
+    return shapes.get(NEXT_BUDGETS.get(budget, budget))
 
 
 def image_token_id(cfg: LlavaConfig) -> int:
@@ -176,6 +320,25 @@ def prompt_ids(wl: Workload, seed: int = 0) -> tuple[list[int], list[int]]:
 def random_pixels(cfg: LlavaConfig, seed: int = 0) -> np.ndarray:
     s, c = cfg.vision.image_size, cfg.vision.num_channels
     return np.random.default_rng(seed).normal(size=(1, s, s, c)).astype(np.float32)
+
+
+def next_inputs(wl: Workload, seed: int = 0) -> tuple[np.ndarray, list[np.ndarray], list[int]]:
+    """A LLaVA-NeXT workload's random tiles [B, max_tiles, s, s, C] (unused tiles zero, as
+    the processor leaves them), its per-example visual indices and tile counts."""
+    from sparsevlm_jax.anyres import anyres_grid, packed_indices
+    from sparsevlm_jax.presets import anyres_spec
+
+    spec, cfg = anyres_spec(wl.cfg), wl.cfg
+    s, c = cfg.vision.image_size, cfg.vision.num_channels
+    rng = np.random.default_rng(seed)
+    pix = np.zeros((wl.batch, cfg.max_tiles, s, s, c), np.float32)
+    index, tiles = [], []
+    for i, hw in enumerate(wl.images):
+        rows, cols = anyres_grid(hw, spec)
+        tiles.append(1 + rows * cols)
+        pix[i, : tiles[-1]] = rng.normal(size=(tiles[-1], s, s, c))
+        index.append(packed_indices(hw, spec))
+    return pix, index, tiles
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
