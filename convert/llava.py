@@ -99,10 +99,11 @@ def read_config(
     try:
         if is_original_llava(d):
             return _original_config(src, d, clip, embedded_vision)
-        if d.get("model_type") != "llava":
+        if d.get("model_type") not in ("llava", "llava_next"):
             raise ConversionError(
                 f"{src / 'config.json'}: model_type {d.get('model_type')!r} is not supported "
-                "(expected 'llava' from llava-hf/transformers or 'llava_llama' from LLaVA-1.5)"
+                "(expected 'llava' or 'llava_next' from llava-hf/transformers, or an original "
+                "LLaVA-1.5 / 1.6 config)"
             )
         if clip is not None:
             raise ConversionError(
@@ -121,10 +122,14 @@ def _original_config(
     ptype = d.get("mm_projector_type", "linear")  # LLaVA's builder default
     if ptype != "mlp2x_gelu":
         raise ConversionError(f"{where}: mm_projector_type {ptype!r} unsupported (mlp2x_gelu)")
-    if d.get("mm_patch_merge_type", "flat") != "flat" or str(
-        d.get("image_aspect_ratio", "pad")
-    ).startswith("anyres"):
-        raise ConversionError(f"{where}: LLaVA-1.6 (anyres) checkpoints are not supported")
+    merge = d.get("mm_patch_merge_type", "flat")
+    anyres = str(d.get("image_aspect_ratio", "pad")).startswith("anyres")
+    if anyres != (merge == "spatial_unpad") or merge not in ("flat", "spatial_unpad"):
+        raise ConversionError(
+            f"{where}: image_aspect_ratio {d.get('image_aspect_ratio')!r} with "
+            f"mm_patch_merge_type {merge!r} is unsupported (LLaVA-1.5: pad + flat; "
+            "LLaVA-1.6: anyres + spatial_unpad)"
+        )
     feature = d.get("mm_vision_select_feature", "patch")
     if feature not in _SELECT_FEATURE:
         raise ConversionError(f"{where}: mm_vision_select_feature {feature!r} unsupported")
@@ -152,7 +157,13 @@ def _original_config(
         vision_feature_select_strategy=_SELECT_FEATURE[feature],
         projector_hidden_act="gelu",
         projector_bias=True,
+        family="llava_next" if anyres else "llava",
+        image_grid_pinpoints=_pinpoints(d) if anyres else (),
     )
+
+
+def _pinpoints(d: dict[str, Any]) -> tuple[tuple[int, int], ...]:
+    return tuple(tuple(int(x) for x in p) for p in d.get("image_grid_pinpoints") or ())
 
 
 def _clip_vision_config(clip: Path) -> VisionConfig:

@@ -47,6 +47,7 @@ MODEL_PREFIXES: tuple[tuple[str, str | None], ...] = (
     (r"multi_modal_projector\.", "projector"),  # hub, save_pretrained
     (r"model\.multi_modal_projector\.", "projector"),  # transformers in-memory
     (r"model\.mm_projector\.", "projector"),  # original LLaVA
+    (r"(?:model\.)?(?=image_newline$)", "newline"),  # LLaVA-NeXT: hub / in-memory, original
     (r"model\.", "text"),  # original LLaVA (after every other model.* prefix)
 )
 
@@ -90,6 +91,7 @@ BODY_RULES: dict[str, tuple[tuple[str, str | None, str], ...]] = {
         (_E + r"mlp\.(?P<n>fc[12])\.weight", "vision/layers/{n}/kernel", LINEAR),
         (_E + r"mlp\.(?P<n>fc[12])\.bias", "vision/layers/{n}/bias", COPY),
     ),
+    "newline": ((r"image_newline", "image_newline", COPY),),
     "projector": (
         (r"(?:linear_1|0)\.weight", "projector/linear_1/kernel", LINEAR),
         (r"(?:linear_1|0)\.bias", "projector/linear_1/bias", COPY),

@@ -31,7 +31,7 @@ from PIL import Image
 
 from sparsevlm_jax.config import ConfigError
 from sparsevlm_jax.errors import InputError
-from sparsevlm_jax.processing import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, to_rgb
+from sparsevlm_jax.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, to_rgb
 
 NEWLINE_INDEX = -2  # packed_indices' stand-in for the learned `image_newline` embedding
 
@@ -305,7 +305,7 @@ def preprocess_anyres(image: Image.Image, spec: AnyresSpec) -> np.ndarray:
 
     Tile 0 is the whole image squashed to `shortest_edge` square; tiles 1.. are the grid of
     `grid_canvas`, row-major. Every tile then gets the shortest-edge resize, the centre crop to
-    `tile_size`, rescale and normalisation. The image goes through `processing.to_rgb` first
+    `tile_size`, rescale and normalisation. The image goes through `images.to_rgb` first
     (alpha dropped, as LLaVA does; transformers would composite it onto white).
 
     Returns:

@@ -83,6 +83,17 @@ class TextConfig:
     bos_token_id: int | None = 1
     eos_token_id: int | tuple[int, ...] | None = 2
     pad_token_id: int | None = None
+    # Mistral's sliding attention window (None: full attention). Prompts are refused when they
+    # would exceed it (`check_window`), so a window never changes a result silently.
+    sliding_window: int | None = None
+
+    def check_window(self, length: int, what: str = "the prompt") -> None:
+        """Raises ConfigError when `length` tokens exceed the sliding window."""
+        if self.sliding_window is not None and length > self.sliding_window:
+            raise ConfigError(
+                f"{what} has {length} tokens, more than the decoder's sliding window "
+                f"({self.sliding_window}); windowed attention is not implemented"
+            )
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -121,15 +132,23 @@ class TextConfig:
             bos_token_id=d.get("bos_token_id", 1),
             eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
             pad_token_id=d.get("pad_token_id"),
+            sliding_window=d.get("sliding_window") if d.get("use_sliding_window", True) else None,
         )
+
+
+FAMILIES = ("llava", "llava_next")
 
 
 @dataclass(frozen=True)
 class LlavaConfig:
     """The whole LLaVA model: vision tower, projector, decoder, and how images are spliced.
 
+    `family`: "llava" (LLaVA-1.5: one tile, `num_image_tokens` visual tokens) or "llava_next"
+    (LLaVA-1.6 "anyres": a base tile plus a grid of tiles chosen among
+    `image_grid_pinpoints` ((height, width) pairs), unpadded and packed with one learned
+    `image_newline` token per row; the visual count varies with the aspect ratio).
     `image_token_index`: the id that marks the image in the token sequence (llava-hf: 32000,
-    expanded to `num_patches` copies; original LLaVA: -200, a single placeholder).
+    expanded to the image's visual-token count; original LLaVA: -200, a single placeholder).
     `param_dtype` is the dtype weights are stored in, `dtype` the compute dtype.
     """
 
@@ -145,8 +164,22 @@ class LlavaConfig:
     # Unrolls the layer scans (XLA's cost analysis counts a scan body once, so FLOP counting
     # needs the unrolled program); numerics are identical.
     unroll_layers: bool = False
+    family: str = "llava"
+    image_grid_pinpoints: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ConfigError(f"unknown model family {self.family!r}; known: {FAMILIES}")
+        if self.family == "llava_next":
+            if not self.image_grid_pinpoints:
+                raise ConfigError("a llava_next config needs image_grid_pinpoints")
+            tile = self.vision.image_size
+            for hw in self.image_grid_pinpoints:
+                if len(hw) != 2 or any(int(x) < tile or int(x) % tile for x in hw):
+                    raise ConfigError(
+                        f"image_grid_pinpoints entry {list(hw)} is not a pair of positive "
+                        f"multiples of the tile size {tile}"
+                    )
         for name in ("param_dtype", "dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ConfigError(f"{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
@@ -159,8 +192,17 @@ class LlavaConfig:
             raise ConfigError(f"unsupported projector_hidden_act {self.projector_hidden_act!r}")
 
     @property
+    def max_tiles(self) -> int:
+        """Tower inputs per image: 1 (LLaVA-1.5), or the base tile + the largest grid (NeXT)."""
+        if self.family != "llava_next":
+            return 1
+        tile = self.vision.image_size
+        return 1 + max((h // tile) * (w // tile) for h, w in self.image_grid_pinpoints)
+
+    @property
     def num_image_tokens(self) -> int:
-        """Visual tokens per image fed to the decoder (576 for LLaVA-1.5)."""
+        """Visual tokens per image tile fed to the decoder (576 for LLaVA-1.5; on LLaVA-NeXT
+        the base tile's count, the reference count of the named budgets)."""
         extra = 1 if self.vision_feature_select_strategy == "full" else 0
         return self.vision.num_patches + extra
 
@@ -181,7 +223,13 @@ class LlavaConfig:
         layer = d.get("vision_feature_layer", -2)
         if not isinstance(layer, int):
             raise ConfigError(f"vision_feature_layer must be one int, got {layer!r}")
+        family = "llava_next" if d.get("model_type") == "llava_next" else "llava"
+        pinpoints = d.get("image_grid_pinpoints") or ()
         kw: dict[str, Any] = dict(
+            family=family,
+            image_grid_pinpoints=tuple(tuple(int(x) for x in p) for p in pinpoints)
+            if family == "llava_next"
+            else (),
             vision=VisionConfig.from_hf(d.get("vision_config") or {}),
             text=TextConfig.from_hf(d.get("text_config") or {}),
             image_token_index=d.get("image_token_index", d.get("image_token_id", 32000)),
@@ -203,6 +251,7 @@ class LlavaConfig:
         d = dict(d)
         text = dict(d.pop("text"))
         text["rope_scaling"] = _freeze(text.get("rope_scaling") or {})
+        d["image_grid_pinpoints"] = tuple(tuple(p) for p in d.get("image_grid_pinpoints", ()))
         if isinstance(text.get("eos_token_id"), list):
             text["eos_token_id"] = tuple(text["eos_token_id"])
         return cls(vision=VisionConfig(**d.pop("vision")), text=TextConfig(**text), **d)

@@ -124,6 +124,9 @@ def generate_ids(
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     sparse.validate_for(cfg.text.num_hidden_layers)
+    if cfg.text.sliding_window is not None:  # never a silent difference from windowed attention
+        longest = int(np.max(batch.prompt_lengths(cfg.num_image_tokens)))
+        cfg.text.check_window(longest + max_new_tokens, "the prompt with its answer")
     eos = tuple(cfg.text.eos_token_ids if eos_ids is None else eos_ids)
     n = batch.prefix_ids.shape[0] if num_real is None else num_real
     t0 = time.perf_counter()

@@ -23,6 +23,7 @@ from it. The tree is a nested dict of arrays:
         gate_proj, up_proj {kernel [L, D, M]}, down_proj {kernel [L, M, D]} (+ bias when mlp_bias)
     text/norm/scale                       [D]
     text/lm_head                          [D, Vocab]   (absent when tie_word_embeddings)
+    image_newline                         [D]          (LLaVA-NeXT only)
 
 Kernels are stored `[in, out]` (HF Linear weights transposed); the vision tower keeps all of
 CLIP's layers (only `cfg.vision_layers_used` run) and drops `post_layernorm`, which LLaVA never
@@ -99,7 +100,10 @@ def param_shapes(cfg: LlavaConfig) -> Params:
     }
     if not t.tie_word_embeddings:
         text["lm_head"] = (d, t.vocab_size)
-    return {"vision": vision, "projector": projector, "text": text}
+    out = {"vision": vision, "projector": projector, "text": text}
+    if cfg.family == "llava_next":
+        out["image_newline"] = (d,)  # LLaVA-NeXT's learned end-of-row token
+    return out
 
 
 def _is_shape(x: Any) -> bool:

@@ -59,6 +59,7 @@ def example_stats(
         pruning_layers=list(sparse.layers),
         capacity=gen.capacity.to_dict() if gen.capacity is not None else None,
         raters=np.flatnonzero(s["raters"]).tolist(),
+        visual_tokens=int(s["visual_tokens"]),
         layers=[
             {
                 "layer": layer,

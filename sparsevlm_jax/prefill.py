@@ -15,6 +15,7 @@ Dense runs are one program whatever the policy.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +23,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from sparsevlm_jax.batch import Batch
+from sparsevlm_jax.batch import Batch, ladder_size
 from sparsevlm_jax.config import LlavaConfig
 from sparsevlm_jax.model.llava import (
     KVCache,
@@ -47,14 +48,10 @@ def capacity_bucket(n: int, limit: int, steps: int = 4) -> int:
     buckets for 576 tokens) was chosen by `benchmarks/compile_once.py` on the decisions of 40
     diverse questions (mini shape, v1 @192): 4.8% mean padding FLOPs over exact sizes and 68
     stage programs; two steps: 10.5% for 48, one: 23% for 36, eight: 2.3% for 89.
-    Every data-dependent static size of the prefill takes its bucket from this ladder.
+    Every data-dependent static size of the prefill takes its bucket from this ladder
+    (`sparsevlm_jax.batch.ladder_size`; the visual buckets use it with `VISUAL_STEPS`).
     """
-    n = max(int(n), 1)
-    if n <= 8:
-        return min(n, limit)
-    p = 1 << (n.bit_length() - 1)  # p <= n < 2p, p >= 8
-    return min(next(p * (steps + i) // steps for i in range(steps + 1)
-                    if p * (steps + i) // steps >= n), limit)  # fmt: skip
+    return min(ladder_size(n, steps), limit)
 
 
 def bucket_layer(vis_in: int, n_keep: int, n_candidates: int) -> LayerCapacity:
@@ -182,6 +179,8 @@ def prefill_bucketed(
     for stage in range(1, len(sparse.layers) + 1):
         n_keep, n_cand = jax.device_get((decision.n_keep, decision.n_candidates))
         cap = bucket_layer(state.vis_cap, int(np.max(n_keep)), int(np.max(n_cand)))
+        if state.pinned is not None:  # text between visual spans keeps its slots
+            cap = dataclasses.replace(cap, pinned=state.pinned.shape[1])
         plan.append(cap)
         out = _next_stage(
             params, state, carry, decision, cfg, sparse, max_new_tokens, stage, cap, all_logits
@@ -222,7 +221,8 @@ def prefill(
     if sparse.capacity == "bucketed":
         return prefill_bucketed(params, batch, cfg, sparse, max_new_tokens, all_logits)
     logits, cache, stats = prefill_jit(params, batch, cfg, sparse, max_new_tokens, all_logits)
-    plan = plan_capacities(sparse, cfg.num_image_tokens)
+    vis0 = cfg.num_image_tokens if batch.visual_index is None else batch.visual_index.shape[1]
+    plan = plan_capacities(sparse, vis0)
     return logits, cache, stats, CapacityInfo.of(sparse.capacity, plan)
 
 

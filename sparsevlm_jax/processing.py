@@ -1,8 +1,11 @@
-"""From (image, question) pairs to a model `Batch`: LLaVA-1.5 images, prompts and tokens.
+"""From (image, question) pairs to a model `Batch`: LLaVA images, prompts and tokens.
 
-Images: `load_image` (RGB, one-line `InputError`s), `preprocess_image` ("pad": LLaVA-1.5's
-`expand2square` onto the CLIP-mean colour, then CLIP's resize / centre crop / normalise;
-"crop": the plain CLIP processor, as llava-hf ships it). Output is channels last, [H, W, 3].
+Images (`sparsevlm_jax.images`, re-exported here): `load_image` (RGB, one-line
+`InputError`s), `preprocess_image` ("pad": LLaVA-1.5's `expand2square` onto the CLIP-mean
+colour, then CLIP's resize / centre crop / normalise; "crop": the plain CLIP processor, as
+llava-hf ships it). Output is channels last, [H, W, 3].
+LLaVA-NeXT checkpoints ("anyres") go through `sparsevlm_jax.anyres` instead: tiles, plus a
+per-image visual index that says how the model packs their features.
 
 Prompts: `build_prompt` reproduces LLaVA's conversation templates (`vicuna_v1`, `llava_v1`) and
 llava-hf's system-less one (`llava_hf`).
@@ -18,7 +21,6 @@ by the sign of `image_token_index`:
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 from collections.abc import Sequence
@@ -27,130 +29,29 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image
 
-from sparsevlm_jax.batch import Batch, BucketError, Buckets, make_batch
+from sparsevlm_jax.anyres import AnyresSpec, packed_indices, preprocess_anyres
+from sparsevlm_jax.batch import TEXT_SLOT, Batch, BucketError, Buckets, make_batch
 from sparsevlm_jax.errors import InputError
+from sparsevlm_jax.images import (  # noqa: F401 - re-exported: processing's public image API
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    ImageMode,
+    _one_line,
+    clip_image_processor,
+    expand2square,
+    load_image,
+    pad_color,
+    preprocess_image,
+    to_rgb,
+)
 
-OPENAI_CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 IMAGE_PLACEHOLDER = "<image>"
 LLAVA_IMAGE_TOKEN_INDEX = -200  # original LLaVA's IMAGE_TOKEN_INDEX (llava/constants.py)
 
-ImageMode = Literal["pad", "crop"]
 ImageLike = Image.Image | str | os.PathLike
 
-
-# ----------------------------------------------------------------------------------------------
-# Images
-
-
-def _one_line(s: object) -> str:
-    return " ".join(str(s).split())
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL image as RGB, the way LLaVA does it (`.convert("RGB")`; alpha is dropped).
-
-    16-bit and 32-bit integer images (modes I;16*, I) are scaled to 8 bits (>> 8) first, since
-    PIL's own conversion would clip them to 255; float images (F) are clipped to [0, 255].
-    """
-    if img.mode.startswith("I;16") or img.mode == "I":
-        a = np.asarray(img).astype(np.int64)
-        img = Image.fromarray((np.clip(a, 0, 65535) >> 8).astype(np.uint8), mode="L")
-    elif img.mode == "F":
-        a = np.asarray(img, np.float64)
-        img = Image.fromarray(np.clip(np.nan_to_num(a), 0, 255).astype(np.uint8), mode="L")
-    return img if img.mode == "RGB" else img.convert("RGB")
-
-
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Opens and fully decodes an image file as RGB.
-
-    Raises:
-      InputError: (one line, naming the file) missing file, not an image, truncated or corrupt.
-    """
-    name = os.fspath(path)
-    if ImageFile.LOAD_TRUNCATED_IMAGES:  # someone flipped the global: truncation must fail
-        raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES must stay False")
-    if not os.path.exists(name):
-        raise InputError(f"{name}: no such image file")
-    if os.path.isdir(name):
-        raise InputError(f"{name}: is a directory, not an image file")
-    try:
-        with Image.open(name) as img:
-            img.load()  # full decode: truncated / corrupt data fails here, not later
-            return to_rgb(img)
-    except UnidentifiedImageError:
-        raise InputError(f"{name}: not an image (unrecognised format)") from None
-    except Image.DecompressionBombError as e:
-        raise InputError(f"{name}: image too large ({_one_line(e)})") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise InputError(f"{name}: truncated or corrupt image ({_one_line(e)})") from None
-
-
-def pad_color(image_mean: Sequence[float] = OPENAI_CLIP_MEAN) -> tuple[int, ...]:
-    """LLaVA's padding colour: `int(255 * m)` per channel, (122, 116, 104) for the CLIP mean."""
-    return tuple(int(x * 255) for x in image_mean)
-
-
-def expand2square(img: Image.Image, fill: tuple[int, ...]) -> Image.Image:
-    """LLaVA-1.5's pad: pastes `img` centred on a square canvas of colour `fill`.
-
-    A wide W x H image lands at rows [(W - H) // 2, ...) of a W x W canvas (tall: columns).
-    """
-    width, height = img.size
-    if width == height:
-        return img
-    side = max(width, height)
-    result = Image.new(img.mode, (side, side), fill)
-    result.paste(img, ((side - width) // 2, (side - height) // 2))
-    return result
-
-
-@functools.lru_cache(maxsize=8)
-def clip_image_processor(
-    image_size: int = 336,
-    image_mean: tuple[float, ...] = OPENAI_CLIP_MEAN,
-    image_std: tuple[float, ...] = OPENAI_CLIP_STD,
-) -> Any:
-    """transformers' PIL-backed `CLIPImageProcessor` (shortest side -> image_size, bicubic,
-    centre crop image_size, /255, normalise)."""
-    from transformers import CLIPImageProcessorPil
-
-    return CLIPImageProcessorPil(
-        size={"shortest_edge": image_size},
-        crop_size={"height": image_size, "width": image_size},
-        image_mean=list(image_mean),
-        image_std=list(image_std),
-    )
-
-
-def preprocess_image(
-    img: Image.Image,
-    image_size: int = 336,
-    image_mean: Sequence[float] = OPENAI_CLIP_MEAN,
-    image_std: Sequence[float] = OPENAI_CLIP_STD,
-    mode: ImageMode = "pad",
-) -> np.ndarray:
-    """One image to normalised pixels.
-
-    Args:
-      img: any PIL image (converted to RGB).
-      mode: "pad" (LLaVA-1.5, `image_aspect_ratio=pad`: expand2square then the processor) or
-        "crop" (the plain processor, as llava-hf does).
-    Returns:
-      [image_size, image_size, 3] float32, channels last.
-    """
-    if mode not in ("pad", "crop"):
-        raise InputError(f"image mode must be 'pad' or 'crop', got {mode!r}")
-    mean, std = tuple(float(m) for m in image_mean), tuple(float(s) for s in image_std)
-    img = to_rgb(img)
-    if mode == "pad":
-        img = expand2square(img, pad_color(mean))
-    proc = clip_image_processor(int(image_size), mean, std)
-    chw = proc(img, return_tensors="np")["pixel_values"][0]
-    return np.ascontiguousarray(np.transpose(chw, (1, 2, 0)), dtype=np.float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -162,7 +63,8 @@ class ConvTemplate:
     """A single-turn LLaVA conversation (LLaVA's `SeparatorStyle.TWO`, no history).
 
     Prompt: `system + sep` (omitted when system is empty) `+ user + ": <image>\\n" + question
-    + sep + assistant + ":"`.
+    + sep + assistant + ":"`. With several images the question's own `<image>` markers place
+    them (one per image); a question without markers gets `<image>\\n` per image in front.
     """
 
     name: str
@@ -170,13 +72,24 @@ class ConvTemplate:
     roles: tuple[str, str] = ("USER", "ASSISTANT")
     sep: str = " "
 
-    def prompt(self, question: str) -> str:
+    def prompt(self, question: str, num_images: int = 1) -> str:
+        markers = question.count(IMAGE_PLACEHOLDER)
         q = question.replace(IMAGE_PLACEHOLDER, "").strip()
         if not q:
             raise InputError("empty prompt")
         head = self.system + self.sep if self.system else ""
         user, assistant = self.roles
-        return f"{head}{user}: {IMAGE_PLACEHOLDER}\n{q}{self.sep}{assistant}:"
+        if num_images == 1 and markers <= 1:  # LLaVA moves the image to the front
+            return f"{head}{user}: {IMAGE_PLACEHOLDER}\n{q}{self.sep}{assistant}:"
+        if markers == 0:
+            images = f"{IMAGE_PLACEHOLDER}\n" * num_images
+            return f"{head}{user}: {images}{q}{self.sep}{assistant}:"
+        if markers != num_images:
+            raise InputError(
+                f"the prompt has {markers} {IMAGE_PLACEHOLDER} markers for {num_images} "
+                f"image{'s' if num_images != 1 else ''}"
+            )
+        return f"{head}{user}: {question.strip()}{self.sep}{assistant}:"
 
 
 TEMPLATES: dict[str, ConvTemplate] = {
@@ -261,6 +174,31 @@ def split_prompt(
     return ids[:i], ids[i + 1 :]
 
 
+def split_spans(
+    prompt: str, tokenizer: Any, image_token_index: int, num_images: int
+) -> list[list[int]]:
+    """Token ids around each of the `num_images` images of `prompt` (see `split_prompt`):
+    [before the first, between the first and the second, ..., after the last].
+
+    Raises:
+      InputError: the prompt does not hold exactly `num_images` images, or text is empty.
+    """
+    if image_token_index < 0:
+        ids = tokenizer_image_token(prompt, tokenizer, image_token_index)
+    else:
+        ids = list(tokenizer(prompt).input_ids)
+    where = [i for i, t in enumerate(ids) if t == image_token_index]
+    if len(where) != num_images:
+        raise InputError(
+            f"the prompt holds {len(where)} {IMAGE_PLACEHOLDER} for {num_images} image(s)"
+        )
+    edges = [-1, *where, len(ids)]
+    spans = [ids[a + 1 : b] for a, b in zip(edges[:-1], edges[1:], strict=True)]
+    if not spans[0] or not spans[-1]:
+        raise InputError("the prompt needs text before the first image and after the last")
+    return spans
+
+
 def expanded_input_ids(
     prefix_ids: Sequence[int],
     text_ids: Sequence[int],
@@ -292,8 +230,12 @@ class Processor:
         template: str = "vicuna_v1",
         image_mode: ImageMode = "pad",
         buckets: Buckets | None = None,
+        anyres: AnyresSpec | None = None,
+        max_tiles: int = 1,
     ) -> None:
         self.tokenizer = tokenizer
+        self.anyres = anyres  # LLaVA-NeXT: tiles + packed visual index (`sparsevlm_jax.anyres`)
+        self.max_tiles = int(max_tiles)
         self.image_size = int(image_size)
         self.image_mean = tuple(float(m) for m in image_mean)
         self.image_std = tuple(float(s) for s in image_std)
@@ -346,9 +288,10 @@ class Processor:
         if pre.get("image_std") is not None:
             kw["image_std"] = tuple(pre["image_std"])
         aspect = _read_json(d / "config.json").get("image_aspect_ratio")
-        if aspect not in (None, "pad"):
-            if aspect == "anyres":
-                raise InputError(f"{d}: image_aspect_ratio 'anyres' (LLaVA-1.6) is not supported")
+        if config.family == "llava_next":
+            kw["anyres"] = _anyres_spec(d, config, pre, kw)
+            kw["max_tiles"] = config.max_tiles
+        elif aspect not in (None, "pad"):
             kw["image_mode"] = "crop"
         kw.update(overrides)
         if "tokenizer" not in kw:
@@ -366,17 +309,51 @@ class Processor:
         """(prefix_ids, text_ids) around the image for one question."""
         return split_prompt(self.prompt(question), self.tokenizer, self.image_token_index)
 
+    def encode_spans(self, question: str, num_images: int) -> list[list[int]]:
+        """[prefix_ids, text between images 1 and 2, ..., text_ids] for a prompt about
+        `num_images` images (`num_images + 1` lists)."""
+        if num_images > 1 and self.anyres is None:
+            raise InputError("this model takes one image per prompt (several need LLaVA-NeXT)")
+        prompt = self.template.prompt(question, num_images)
+        return split_spans(prompt, self.tokenizer, self.image_token_index, num_images)
+
     def pixel_values(self, images: Sequence[ImageLike]) -> np.ndarray:
-        """Images (PIL or paths) -> [n, image_size, image_size, 3] float32."""
-        out = []
-        for im in images:
-            img = im if isinstance(im, Image.Image) else load_image(im)
-            out.append(
+        """Images (PIL or paths) -> [n, image_size, image_size, 3] float32, or with anyres
+        [n, max_tiles, image_size, image_size, 3] (tile 0 the base image, unused tiles 0)."""
+        return self.visual_inputs(images)[0]
+
+    def _tiles(self, img: Image.Image, offset: int) -> tuple[np.ndarray, np.ndarray]:
+        """One image's anyres tiles and its visual index into the example's feature table,
+        whose rows for this image start at `offset`."""
+        tiles = preprocess_anyres(to_rgb(img), self.anyres)
+        index = packed_indices((img.height, img.width), self.anyres)
+        return tiles, np.where(index >= 0, index + offset, index).astype(np.int32)
+
+    def visual_inputs(
+        self, images: Sequence[ImageLike]
+    ) -> tuple[np.ndarray, list[np.ndarray] | None]:
+        """(pixel values as `pixel_values`, per image its [V_i] visual index or None).
+
+        The visual index (anyres only) lists, for each visual token of the image, its row in
+        the image's tile-feature table (`sparsevlm_jax.anyres.packed_indices`).
+        """
+        imgs = [im if isinstance(im, Image.Image) else load_image(im) for im in images]
+        if self.anyres is None:
+            pix = [
                 preprocess_image(
                     img, self.image_size, self.image_mean, self.image_std, self.image_mode
                 )
-            )
-        return np.stack(out)
+                for img in imgs
+            ]
+            return np.stack(pix), None
+        s = self.image_size
+        out = np.zeros((len(imgs), self.max_tiles, s, s, 3), np.float32)
+        index = []
+        for i, img in enumerate(imgs):
+            tiles = preprocess_anyres(to_rgb(img), self.anyres)
+            out[i, : len(tiles)] = tiles
+            index.append(packed_indices((img.height, img.width), self.anyres))
+        return out, index
 
     def __call__(self, images: Sequence[ImageLike], questions: Sequence[str]) -> tuple[Batch, int]:
         """One bucketed batch of examples.
@@ -391,12 +368,48 @@ class Processor:
                 f"need the same non-zero number of images and questions, "
                 f"got {len(images)} and {len(questions)}"
             )
+        if any(isinstance(im, list | tuple) for im in images):
+            return self._several_images(images, questions)
         encoded = [self.encode(q) for q in questions]
-        pixels = self.pixel_values(images)
+        pixels, index = self.visual_inputs(images)
         try:
             return make_batch(
-                [p for p, _ in encoded], [t for _, t in encoded], pixels, self.buckets
+                [p for p, _ in encoded], [t for _, t in encoded], pixels, self.buckets, index
             )
+        except BucketError as e:
+            raise InputError(str(e)) from None
+
+    def _several_images(
+        self, images: Sequence[ImageLike | Sequence[ImageLike]], questions: Sequence[str]
+    ) -> tuple[Batch, int]:
+        """Examples with any number of images each: visual spans with the text between them
+        kept in place (`sparsevlm_jax.batch`, "several visual spans")."""
+        if self.anyres is None:
+            raise InputError("this model takes one image per prompt (several need LLaVA-NeXT)")
+        per = [list(im) if isinstance(im, list | tuple) else [im] for im in images]
+        if any(not ims for ims in per):
+            raise InputError("an example without an image")
+        tile_cap = max(map(len, per)) * self.max_tiles
+        feats = self.anyres.patches_per_side**2  # table rows per tile ("default" strategy)
+        s = self.image_size
+        pixels = np.zeros((len(per), tile_cap, s, s, 3), np.float32)
+        prefixes, texts, index, ids = [], [], [], []
+        for i, (ims, q) in enumerate(zip(per, questions, strict=True)):
+            spans = self.encode_spans(q, len(ims))
+            prefixes.append(spans[0])
+            texts.append(spans[-1])
+            region, region_ids = [], []
+            for j, im in enumerate(ims):
+                img = im if isinstance(im, Image.Image) else load_image(im)
+                tiles, idx = self._tiles(img, j * self.max_tiles * feats)
+                pixels[i, j * self.max_tiles : j * self.max_tiles + len(tiles)] = tiles
+                between = spans[j + 1] if j + 1 < len(ims) else []
+                region += [*idx.tolist(), *([TEXT_SLOT] * len(between))]
+                region_ids += [-1] * len(idx) + list(between)
+            index.append(np.asarray(region, np.int32))
+            ids.append(np.asarray(region_ids, np.int32))
+        try:
+            return make_batch(prefixes, texts, pixels, self.buckets, index, ids)
         except BucketError as e:
             raise InputError(str(e)) from None
 
@@ -405,6 +418,27 @@ class Processor:
         n = len(self.tokenizer)
         keep = [int(i) for i in ids if 0 <= int(i) < n]
         return self.tokenizer.decode(keep, skip_special_tokens=True).strip()
+
+
+def _anyres_spec(d: Path, config: Any, pre: dict[str, Any], kw: dict[str, Any]) -> AnyresSpec:
+    """LLaVA-NeXT preprocessing from the checkpoint: the config's pinpoints (the model packs
+    with them; a preprocessor config that names others is refused), mean/std, base size."""
+    pinpoints = tuple(tuple(int(x) for x in p) for p in config.image_grid_pinpoints)
+    theirs = pre.get("image_grid_pinpoints")
+    if theirs and tuple(tuple(int(x) for x in p) for p in theirs) != pinpoints:
+        raise InputError(
+            f"{d}: preprocessor_config.json's image_grid_pinpoints {theirs} differ from "
+            f"config.json's {[list(p) for p in pinpoints]}"
+        )
+    size = pre.get("size") or {}
+    return AnyresSpec(
+        pinpoints=pinpoints,
+        tile_size=config.vision.image_size,
+        patch_size=config.vision.patch_size,
+        image_mean=tuple(kw.get("image_mean", OPENAI_CLIP_MEAN)),
+        image_std=tuple(kw.get("image_std", OPENAI_CLIP_STD)),
+        shortest_edge=int(size.get("shortest_edge", config.vision.image_size)),
+    )
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -274,7 +274,10 @@ def test_name_table():
     assert resolve("vision_tower.post_layernorm.weight", MODEL_PREFIXES) == IGNORED
     assert resolve("logit_scale", CLIP_PREFIXES) == IGNORED
     assert resolve("text_model.encoder.layers.0.mlp.fc1.weight", CLIP_PREFIXES) == IGNORED
-    assert resolve("model.image_newline", MODEL_PREFIXES) is None
+    newline = Target("image_newline", None, "copy")  # LLaVA-NeXT (unexpected on LLaVA-1.5)
+    assert resolve("model.image_newline", MODEL_PREFIXES) == newline
+    assert resolve("image_newline", MODEL_PREFIXES) == newline
+    assert resolve("model.image_newline.extra", MODEL_PREFIXES) is None
     assert resolve("vision_model.embeddings.class_embedding", MODEL_PREFIXES) is None
 
 

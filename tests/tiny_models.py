@@ -131,3 +131,82 @@ def hf_greedy(model, prefix, text, pixels, n_image: int, max_new_tokens: int) ->
             pad_token_id=0,
         )
     return out[0, ids.shape[1] :].tolist()
+
+
+# --- LLaVA-NeXT ------------------------------------------------------------------------------
+
+# Tiles of 56 px (4x4 patches of 14): a base tile plus grids of 1x2, 2x1, 2x2, 1x3, 3x1 tiles.
+NEXT_PINPOINTS = [[56, 112], [112, 56], [112, 112], [56, 168], [168, 56]]
+
+
+def tiny_llava_next(
+    num_layers: int = 4,
+    hidden: int = 64,
+    heads: int = 4,
+    kv_heads: int = 2,
+    seed: int = 0,
+    decoder: str = "llama",
+    qk_std: float | None = None,
+    embed_std: float | None = None,
+    projector_std: float | None = None,
+):
+    """A tiny random `LlavaNextForConditionalGeneration` in float32, eval mode (tile 56 px,
+    patch 14, `NEXT_PINPOINTS`); `decoder` "mistral" gives a Mistral text model with a
+    sliding window of 256 tokens. qk_std / embed_std / projector_std as in `tiny_llava`."""
+    import torch
+    import transformers
+
+    vision = transformers.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        image_size=56, patch_size=14, projection_dim=16,
+    )  # fmt: skip
+    common = dict(
+        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=num_layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=VOCAB,
+        eos_token_id=2, bos_token_id=1,
+    )  # fmt: skip
+    if decoder == "mistral":
+        text = transformers.MistralConfig(sliding_window=256, **common)
+    else:
+        text = transformers.LlamaConfig(**common)
+    cfg = transformers.LlavaNextConfig(
+        vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN,
+        image_grid_pinpoints=NEXT_PINPOINTS,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = transformers.LlavaNextForConditionalGeneration(cfg).eval()
+    gen = torch.Generator().manual_seed(seed + 3)
+    with torch.no_grad():  # a visible newline token (init is zeros-ish otherwise)
+        model.model.image_newline.copy_(torch.randn(model.model.image_newline.shape, generator=gen))
+        if qk_std is not None:
+            for layer in model.model.language_model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+                    proj.weight.copy_(torch.randn(proj.weight.shape, generator=gen) * qk_std)
+        redraw = []
+        if embed_std is not None:
+            redraw.append((model.model.language_model.embed_tokens.weight, embed_std))
+        if projector_std is not None:
+            proj = model.model.multi_modal_projector
+            redraw += [(proj.linear_1.weight, projector_std), (proj.linear_2.weight, projector_std)]
+        for w, std in redraw:
+            w.copy_(torch.randn(w.shape, generator=gen) * std)
+    return model
+
+
+def next_image_processor():
+    """transformers' LlavaNextImageProcessor for `tiny_llava_next` (CLIP mean / std)."""
+    import transformers
+
+    cls = getattr(transformers, "LlavaNextImageProcessorPil", None)
+    cls = cls or transformers.LlavaNextImageProcessor
+    return cls(
+        size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56},
+        image_grid_pinpoints=NEXT_PINPOINTS,
+    )  # fmt: skip
+
+
+def save_tiny_llava_next(model, out_dir: str | Path) -> Path:
+    """`save_tiny_llava` plus the image processor's preprocessor_config.json."""
+    out = save_tiny_llava(model, out_dir)
+    next_image_processor().save_pretrained(out)
+    return out

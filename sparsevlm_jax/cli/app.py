@@ -147,7 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = command("generate", "answer one question about one image", generate.cmd_generate)
     add_model_args(g)
-    g.add_argument("--image", required=True, metavar="PATH", help="image file")
+    g.add_argument(
+        "--image",
+        required=True,
+        metavar="PATH",
+        action="append",
+        help="image file; repeat it for several images in one prompt (LLaVA-NeXT): the "
+        "prompt's <image> markers place them, one each, else they all go first",
+    )
     g.add_argument("--prompt", required=True, metavar="TEXT", help="the question")
     add_sparse_args(g)
     add_generation_args(g, max_new_tokens=64)

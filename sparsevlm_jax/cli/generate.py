@@ -36,7 +36,8 @@ def prepare(args: argparse.Namespace) -> tuple[Path, LlavaConfig, SparseConfig, 
     cfg = model_config(path, args.clip)
     sparse = sparse_from_args(args, cfg, path)
     processor = make_processor(args, path, cfg)
-    check_prompt(processor, args.prompt)
+    images = args.image if isinstance(args.image, list) else [args.image]
+    check_prompt(processor, args.prompt, len(images))
     return path, cfg, sparse, processor
 
 
@@ -60,7 +61,11 @@ def run_one(
             raise InputError("visualize needs a sparse method (e.g. --sparse v1 --budget 192)")
         check_writable(picture, "picture")
         image_format(picture)
-    image = load_image(args.image)
+    paths = args.image if isinstance(args.image, list) else [args.image]
+    if picture is not None and len(paths) > 1:
+        raise InputError("visualize draws one image: give one --image")
+    images = [load_image(p) for p in paths]
+    image = images[0] if len(images) == 1 else images
     pipe = load_pipeline(args, path, cfg)
     result = pipe.generate(
         [image],

@@ -104,7 +104,8 @@ def format_stats(
         kv, dense_kv = stats["kv_cache_bytes"], stats["dense_kv_cache_bytes"]
         lines += [
             f"visual tokens after each decoder layer: {counts}",
-            f"equivalent visual tokens: {stats['equivalent_tokens']:.1f} of {cfg.num_image_tokens}",
+            f"equivalent visual tokens: {stats['equivalent_tokens']:.1f} of "
+            f"{stats.get('visual_tokens', cfg.num_image_tokens)}",
             f"prefill FLOPs: {human_flops(flops)} ({100 * flops / dense_flops:.1f}% of dense "
             f"{human_flops(dense_flops)})",
             f"KV cache:      {human_bytes(kv)} ({100 * kv / dense_kv:.1f}% of dense "

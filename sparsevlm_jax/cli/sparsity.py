@@ -20,10 +20,12 @@ from sparsevlm_jax.errors import InputError
 from sparsevlm_jax.sparse.config import (
     METHODS,
     NAMED_BUDGETS,
+    NEXT_BUDGETS,
     V1_LAYERS_32,
     SparseConfig,
     named_sparse_config,
     preset_layers,
+    variable_visual_budgets,
 )
 
 REFERENCE_DEPTH = 32  # LLaVA-1.5-7B's decoder depth, for which the presets are stated
@@ -116,8 +118,9 @@ def sparse_from_args(
     budget = None if args.scale is not None else args.budget
     if budget is None and args.scale is None:
         budget = DEFAULT_BUDGET
+    variable = cfg.family == "llava_next"
     if budget is not None:
-        check_budget(method, budget, num_visual)
+        check_budget(method, budget, num_visual, variable)
     capacity = parse_capacity(args.capacity, num_visual)
     layers = comma_ints(args.layers, "--layers") if args.layers is not None else None
     if budget is None:
@@ -129,28 +132,46 @@ def sparse_from_args(
         )
     elif method == "v1":
         layers = layers if layers is not None else default_layers(num_layers)
-        sparse = SparseConfig.v1(budget, num_layers, layers)
+        rule = NEXT_BUDGETS.get(budget, budget) if variable else budget  # 640 of 2880 = 128
+        sparse = SparseConfig.v1(rule, num_layers, layers).replace(budget_name=budget)
     else:
         # With explicit --layers the preset is built for the reference depth, then moved.
         depth = num_layers if layers is None else REFERENCE_DEPTH
         try:
-            sparse = named_sparse_config(method, budget, depth, num_visual)
+            sparse = named_sparse_config(
+                method, budget, depth, num_visual, variable_visual=variable
+            )
         except ConfigError as e:
             raise ConfigError(f"{e}; pass --layers" if "too shallow" in str(e) else e) from None
         if layers is not None:
-            sparse = sparse.replace(layers=layers)
+            sparse = moved_to(sparse, layers)
     sparse = apply_capacity(sparse, capacity, model, note)
     sparse.validate_for(num_layers)
     return sparse
 
 
-def check_budget(method: str, budget: int, num_visual: int) -> None:
-    """A named budget of `method`; a v1 budget must be below the visual token count."""
-    known = NAMED_BUDGETS[method]
+def moved_to(sparse: SparseConfig, layers: tuple[int, ...]) -> SparseConfig:
+    """A preset at explicit `--layers`: fixed schedules (and their static capacities) keep
+    their first len(layers) entries; more layers than the schedule has is an error."""
+    if not sparse.schedule:
+        return sparse.replace(layers=layers)
+    n = len(layers)
+    if n > len(sparse.schedule):
+        raise InputError(
+            f"--layers: {sparse.name} prunes at {len(sparse.schedule)} layers, got {n} layers"
+        )
+    cut = {k: getattr(sparse, k)[:n] for k in ("schedule", "capacities", "recycled_capacities")}
+    return sparse.replace(layers=layers, **cut)
+
+
+def check_budget(method: str, budget: int, num_visual: int, variable: bool = False) -> None:
+    """A named budget of `method`; a v1 budget must be below the visual token count.
+    `variable`: the family's visual count varies per example (LLaVA-NeXT's budgets too)."""
+    known = variable_visual_budgets(method) if variable else NAMED_BUDGETS[method]
     if budget not in known:
         named = ", ".join(map(str, known))
         raise InputError(f"--budget: no {method} budget named {budget}; named budgets: {named}")
-    if method == "v1" and budget >= num_visual:
+    if method == "v1" and not variable and budget >= num_visual:
         raise InputError(
             f"--budget {budget} is not below the model's {num_visual} visual tokens (v1's "
             "named budgets are rank rules for 576-token LLaVA-1.5; use --scale/--bias)"

@@ -13,7 +13,7 @@ from sparsevlm_jax.errors import InputError
 
 REQUIRED_FIELDS: tuple[tuple[str, tuple[type, ...]], ...] = (
     ("question_id", (str, int)),
-    ("image", (str,)),
+    ("image", (str, list)),  # one image, or a list: several images in one prompt
     ("text", (str,)),
 )
 
@@ -23,7 +23,7 @@ class Question:
     """One line of the questions file (`line` is 1-based)."""
 
     question_id: str | int
-    image: str
+    image: str | list[str]
     text: str
     line: int
     category: str | None = None
@@ -43,6 +43,9 @@ def _parse_line(raw: str, name: str, lineno: int) -> Question:
         if not isinstance(d[key], types) or isinstance(d[key], bool):
             kinds = " or ".join(t.__name__ for t in types)
             raise InputError(f"{name}: line {lineno}: field {key!r} must be a {kinds}")
+    image = d["image"]
+    if isinstance(image, list) and (not image or not all(isinstance(x, str) for x in image)):
+        raise InputError(f"{name}: line {lineno}: field 'image' must be a non-empty list of paths")
     category = d.get("category")
     return Question(
         d["question_id"],
@@ -81,9 +84,17 @@ def read_questions(path: str | os.PathLike) -> list[Question]:
     return questions
 
 
-def image_path(question: Question, image_folder: str | os.PathLike) -> str:
-    """Where the question's image is: `image_folder/question.image`."""
+def image_path(question: Question, image_folder: str | os.PathLike) -> str | list[str]:
+    """Where the question's image is: `image_folder/question.image` (a list of such paths
+    when the question is about several images)."""
+    if isinstance(question.image, list):
+        return [os.path.join(os.fspath(image_folder), x) for x in question.image]
     return os.path.join(os.fspath(image_folder), question.image)
+
+
+def _paths(question: Question, image_folder: str | os.PathLike) -> list[str]:
+    path = image_path(question, image_folder)
+    return path if isinstance(path, list) else [path]
 
 
 def check_images(questions: Sequence[Question], image_folder: str | os.PathLike) -> None:
@@ -91,15 +102,15 @@ def check_images(questions: Sequence[Question], image_folder: str | os.PathLike)
     folder = os.fspath(image_folder)
     if not os.path.isdir(folder):
         raise InputError(f"{folder}: no such image folder")
-    missing = [q for q in questions if not os.path.isfile(image_path(q, folder))]
+    missing = [q for q in questions if not all(map(os.path.isfile, _paths(q, folder)))]
     if missing:
         q = missing[0]
         more = (
             f" (and {len(missing) - 1} more questions with missing images)" if missing[1:] else ""
         )
+        path = next(p for p in _paths(q, folder) if not os.path.isfile(p))
         raise InputError(
-            f"question_id {q.question_id!r} (line {q.line}): image {image_path(q, folder)}: "
-            f"no such file{more}"
+            f"question_id {q.question_id!r} (line {q.line}): image {path}: no such file{more}"
         )
 
 
@@ -112,7 +123,8 @@ def check_prompts(questions: Sequence[Question], processor: Any) -> None:
     buckets: Buckets = processor.buckets
     for q in questions:
         try:
-            prefix, text = processor.encode(q.text)
+            spans = processor.encode_spans(q.text, len(q.image) if isinstance(q.image, list) else 1)
+            prefix, text = spans[0], spans[-1]
             Buckets.pick(buckets.prefix, len(prefix), "prefix length")
             Buckets.pick(buckets.text, len(text), "prompt length after the image")
         except InputError as e:

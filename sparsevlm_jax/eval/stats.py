@@ -57,7 +57,7 @@ def stats_to_json(
     """
     out = jsonable(stats)
     if "layers" in out:
-        check_kept(out["layers"], num_image_tokens)
+        check_kept(out["layers"], int(out.get("visual_tokens", num_image_tokens)))
     if sparse.enabled and "capacity" not in out:
         static = sparse.capacity == "static"
         out["capacity"] = {

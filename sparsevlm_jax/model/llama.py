@@ -299,6 +299,7 @@ def prefill_stage(
     query_tail: int = 0,
     unroll: bool = False,
     query_blocks: int | None = None,
+    query_slots: Array | None = None,
 ) -> tuple[Array, KV, Array | None]:
     """Runs layers [start, stop) over a sequence as one scan.
 
@@ -308,15 +309,21 @@ def prefill_stage(
         without materialising every head's full attention matrix.
       query_blocks: query blocks of the causal attention (`query_block_ends`; default
         `QUERY_BLOCKS`, fewer on short sequences; 1 = no block skipping).
+      query_slots: optional [B, S] int32 more slots whose queries come first (text between
+        visual spans, which pruning layers also score with).
     Returns:
-      (x [B,T,D], kv with k/v [stop-start, B, T, K, H], q [B, query_tail, N, H] or None).
+      (x [B,T,D], kv with k/v [stop-start, B, T, K, H], q [B, S + query_tail, N, H] or None).
     """
     mask = CausalMask(valid, query_block_ends(x.shape[1], query_blocks))
     impl = attention_implementation(x.dtype, cfg.head_dim)
 
     def body(x, i):
         out, q, k, v = prefill_layer(layer_params(layers, i), cfg, x, positions, mask, impl)
-        return out, (k, v, q[:, x.shape[1] - query_tail :])
+        rows = q[:, x.shape[1] - query_tail :]
+        if query_slots is not None:
+            picked = jnp.take_along_axis(q, query_slots[:, :, None, None], axis=1)
+            rows = jnp.concatenate([picked, rows], axis=1)
+        return out, (k, v, rows)
 
     x, (k, v, q) = jax.lax.scan(
         body, x, jnp.arange(start, stop), unroll=(stop - start) if unroll else 1

@@ -24,13 +24,14 @@ from flax import struct
 
 from sparsevlm_jax.batch import Batch
 from sparsevlm_jax.config import LlavaConfig
-from sparsevlm_jax.model import llama
+from sparsevlm_jax.model import llama, llava_next
 from sparsevlm_jax.model.clip import image_features
 from sparsevlm_jax.model.sequence import (
     SeqState,
     last_text_index,
     next_position,
     positions_from_valid,
+    row_slots,
 )
 from sparsevlm_jax.sharding import HEADS, HIDDEN, KV_CACHE, constrain
 
@@ -89,19 +90,38 @@ class KVCache:
         )
 
 
+# Families whose visual count varies per example: (params, cfg, pixel_values, visual_index)
+# -> visual tokens [B, V, D]; the batch's `visual_index` says which slots are padding.
+VISUAL_TOKENS: dict[str, Callable[..., Array]] = {"llava_next": llava_next.visual_tokens}
+
+
 def embed_inputs(params: Params, cfg: LlavaConfig, batch: Batch) -> SeqState:
-    """Input embeddings with the image features spliced between prefix and text."""
+    """Input embeddings with the visual tokens spliced between prefix and text.
+
+    Padded visual slots (`Batch.visual_mask`) are invalid: never keys, no position.
+    """
     dtype = jnp.dtype(cfg.dtype)
     table = params["text"]["embed_tokens"]
     prefix = jnp.take(table, batch.prefix_ids, axis=0).astype(dtype)
     text = jnp.take(table, batch.text_ids, axis=0).astype(dtype)
-    image = image_features(params, cfg, batch.pixel_values).astype(dtype)
-    b, v0 = image.shape[0], image.shape[1]
+    if batch.visual_index is None:
+        image = image_features(params, cfg, batch.pixel_values).astype(dtype)
+        vis_valid = jnp.ones(image.shape[:2], bool)
+    else:
+        visual = VISUAL_TOKENS[cfg.family]
+        image = visual(params, cfg, batch.pixel_values, batch.visual_index).astype(dtype)
+        vis_valid = batch.region_valid()
+    if batch.span_text_slots is not None:  # text between visual spans, in its region slots
+        words = jnp.take(table, batch.span_text_ids, axis=0).astype(dtype)
+        slots = jnp.where(batch.span_text_slots >= 0, batch.span_text_slots, image.shape[1])
+        rows = jnp.arange(image.shape[0])[:, None]
+        image = image.at[rows, slots].set(words, mode="drop")
     x = constrain(jnp.concatenate([prefix, image, text], axis=1), HIDDEN)  # sharding.py
     valid = jnp.concatenate(
-        [batch.prefix_mask.astype(bool), jnp.ones((b, v0), bool), batch.text_mask.astype(bool)], 1
+        [batch.prefix_mask.astype(bool), vis_valid, batch.text_mask.astype(bool)], 1
     )
-    return SeqState(x, valid, positions_from_valid(valid), batch.prefix_ids.shape[1], v0)
+    p, v = batch.prefix_ids.shape[1], image.shape[1]
+    return SeqState(x, valid, positions_from_valid(valid), p, v, batch.span_text_slots)
 
 
 def stage_bounds(num_layers: int, cuts: Sequence[int] = ()) -> list[tuple[int, int]]:
@@ -122,8 +142,9 @@ def run_stage(
     """Layers [start, stop) over `state` as one scan.
 
     Returns (state with x = the stage's output, the stage's cache with room for
-    `max_new_tokens`, the last layer's queries of the last `query_tail` slots [B,T,N,H] or
-    None, the last layer's keys [B,L,K,H]).
+    `max_new_tokens`, the last layer's queries of the text rows [B, S + T, N, H] (`row_slots`:
+    the pinned text between visual spans, then the last `query_tail` slots) or None, the last
+    layer's keys [B,L,K,H]).
     """
     x, kv, q_tail = llama.prefill_stage(
         params["text"]["layers"],
@@ -135,6 +156,9 @@ def run_stage(
         state.valid,
         query_tail=query_tail,
         unroll=cfg.unroll_layers,
+        query_slots=row_slots(state)[:, : state.pinned.shape[1]]
+        if query_tail and state.pinned is not None
+        else None,
     )
     pad = ((0, 0), (0, 0), (0, max_new_tokens), (0, 0), (0, 0))
     # Layouts under a mesh (`sparsevlm_jax.sharding`; no-ops without one).

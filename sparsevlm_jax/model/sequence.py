@@ -18,7 +18,9 @@ class SeqState:
     """The sequence between stages: x [B,L,D], valid [B,L], positions [B,L] int32.
 
     L = P + vis_cap + T; the visual region is slots [P, P + vis_cap). `num_prefix` and
-    `vis_cap` are static (part of the compiled shape).
+    `vis_cap` are static (part of the compiled shape). `pinned` [B, S] int32 or None: region
+    slots holding text between visual spans (ascending, -1 padded): valid, not visual, kept
+    in place by any rewrite of the region.
     """
 
     x: Array
@@ -26,6 +28,20 @@ class SeqState:
     positions: Array
     num_prefix: int = struct.field(pytree_node=False)
     vis_cap: int = struct.field(pytree_node=False)
+    pinned: Array | None = None
+
+    def pinned_mask(self) -> Array | None:
+        """[B, vis_cap] bool: the region slots that hold text (None when there are none)."""
+        if self.pinned is None:
+            return None
+        hit = self.pinned[:, :, None] == jnp.arange(self.vis_cap)[None, None, :]
+        return jnp.any(hit, axis=1)
+
+    def visual_valid(self) -> Array:
+        """[B, vis_cap] bool: the region's valid visual tokens (pinned text excluded)."""
+        vis = self.valid[:, self.vis_slice]
+        pinned = self.pinned_mask()
+        return vis if pinned is None else vis & ~pinned
 
     @property
     def num_text(self) -> int:
@@ -60,3 +76,16 @@ def next_position(state: SeqState) -> Array:
     """
     pos = jnp.where(state.valid, state.positions, -1)
     return (jnp.max(pos, axis=1) + 1).astype(jnp.int32)
+
+
+def row_slots(state: SeqState) -> Array:
+    """[B, S + T] int32: the slots of the text rows a pruning layer scores with: the text
+    between visual spans (`state.pinned`; -1 padding points at slot 0), then the text."""
+    length = state.x.shape[1]
+    tail = jnp.broadcast_to(
+        jnp.arange(length - state.num_text, length), (state.x.shape[0], state.num_text)
+    )
+    if state.pinned is None:
+        return tail.astype(jnp.int32)
+    pinned = state.num_prefix + jnp.maximum(state.pinned, 0)
+    return jnp.concatenate([pinned, tail], axis=1).astype(jnp.int32)

@@ -9,7 +9,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from sparsevlm_jax.reference.common import import_torch, merge_margins, note_margin
-from sparsevlm_jax.reference.layers import decoder_layer, input_embeddings, language_model
+from sparsevlm_jax.reference.layers import decoder_layer, language_model, visual_embeddings
 from sparsevlm_jax.reference.params import RefPruneRecord, RefResult, RefSparseParams
 from sparsevlm_jax.reference.prune import prune_step
 from sparsevlm_jax.reference.scoring import select_raters
@@ -25,6 +25,7 @@ def reference_prefill(
     params: RefSparseParams | None = None,
     keep_layer_inputs: bool = False,
     track_margins: bool = True,
+    image_sizes: torch.Tensor | None = None,
 ) -> RefResult:
     """Prefill of LLaVA with SparseVLM pruning (SPEC §1-§6), batch 1, eager.
 
@@ -36,6 +37,8 @@ def reference_prefill(
       keep_layer_inputs: also return what every layer ran on (tests).
       track_margins: compute the clustering margins too (turn off for timing; the cheap
         margins are always recorded).
+      image_sizes: LLaVA-NeXT only, [1, 2] (height, width) of the image, with
+        `pixel_values` [1, tiles, 3, H, W] (`LlavaNextForConditionalGeneration`).
     Returns:
       RefResult; `logits` are float32 [N', vocab] for the final (pruned) sequence.
     """
@@ -48,13 +51,19 @@ def reference_prefill(
     prune_at = {} if params.method == "dense" else {l: i for i, l in enumerate(params.layers)}
 
     with torch.no_grad():
-        h, p, v0 = input_embeddings(model, input_ids, pixel_values)  # [1, N, D]
-        n_text = h.shape[1] - p - v0
+        h, vis_idx = visual_embeddings(model, input_ids, pixel_values, image_sizes)  # [1, N, D]
+        p, v0 = int(vis_idx[0]), int(vis_idx.numel())
+        # The text: every non-visual token after the first visual one (SPEC §9.1).
+        is_text = torch.ones(h.shape[1], dtype=torch.bool)
+        is_text[:p] = False
+        is_text[vis_idx] = False
+        text_idx = torch.nonzero(is_text).flatten()
+        n_text = int(text_idx.numel())
         margins: dict[str, float] = {}
         raters: tuple[int, ...] = ()
         rater_scores = h.new_zeros(0, dtype=torch.float32)
         if prune_at:
-            raters, rater_scores, rater_margin = select_raters(h[0, p : p + v0], h[0, p + v0 :])
+            raters, rater_scores, rater_margin = select_raters(h[0, vis_idx], h[0, text_idx])
             if params.method not in ("fastv", "random"):
                 note_margin(margins, "raters", rater_margin)
 
@@ -71,7 +80,7 @@ def reference_prefill(
             h_out, probs, kv = decoder_layer(layer, lm.rotary_emb, h, positions)
             caches.append(kv)
             if i in prune_at:
-                h, positions, record = prune_step(
+                h, positions, record, vis_idx, text_idx = prune_step(
                     params,
                     index=prune_at[i],
                     layer_idx=i,
@@ -81,9 +90,11 @@ def reference_prefill(
                     probs=probs,
                     positions=positions,
                     p=p,
-                    v=v,
+                    vis_idx=vis_idx,
+                    text_idx=text_idx,
                     raters=raters,
                     track_margins=track_margins,
+                    v0=v0,
                 )
                 prunes.append(record)
                 merge_margins(margins, record.margins)
@@ -165,6 +176,7 @@ def reference_generate(
     max_new_tokens: int = 32,
     eos_token_ids: tuple[int, ...] | list[int] = (),
     track_margins: bool = True,
+    image_sizes: torch.Tensor | None = None,
 ) -> tuple[list[int], RefResult]:
     """Greedy generation: pruned prefill, then per-layer-cache decoding.
 
@@ -181,7 +193,14 @@ def reference_generate(
       (generated token ids, the prefill's RefResult).
     """
     params = params or RefSparseParams()
-    result = reference_prefill(model, input_ids, pixel_values, params, track_margins=track_margins)
+    result = reference_prefill(
+        model,
+        input_ids,
+        pixel_values,
+        params,
+        track_margins=track_margins,
+        image_sizes=image_sizes,
+    )
     eos = set(int(t) for t in eos_token_ids)
     tokens: list[int] = []
     logits = result.logits[-1]

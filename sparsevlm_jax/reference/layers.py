@@ -91,45 +91,69 @@ def _image_token_id(model: Any) -> int:
     raise ValueError("the model config has no image_token_id / image_token_index")
 
 
-def input_embeddings(
-    model: Any, input_ids: torch.Tensor, pixel_values: torch.Tensor
-) -> tuple[torch.Tensor, int, int]:
-    """Token embeddings with the projected image features spliced in (llava-hf style).
+def visual_embeddings(
+    model: Any,
+    input_ids: torch.Tensor,
+    pixel_values: torch.Tensor,
+    image_sizes: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token embeddings with every image's projected features spliced in (llava-hf style),
+    any number of images in any number of spans.
 
     Args:
-      input_ids: int64 [1, N] with the image token id repeated V0 times, contiguously.
-      pixel_values: [1, 3, H, W].
+      input_ids: int64 [1, N], each image's token id repeated its feature count.
+      pixel_values, image_sizes: as `get_image_features` takes them (LLaVA-NeXT: one row of
+        tiles per image and the images' (height, width)).
     Returns:
-      (E [1, N, D] in the model dtype, p, V0).
+      (E [1, N, D] in the model dtype, the visual tokens' indices [V0] int64, ascending).
     """
     torch = import_torch()
     if input_ids.ndim != 2 or input_ids.shape[0] != 1:
         raise ValueError(
             f"the reference runs batch 1: input_ids must be [1, N], got {tuple(input_ids.shape)}"
         )
-    image_id = _image_token_id(model)
-    where = torch.nonzero(input_ids[0] == image_id).flatten()
+    where = torch.nonzero(input_ids[0] == _image_token_id(model)).flatten()
     if where.numel() == 0:
         raise ValueError("input_ids hold no image token")
+    embeds = language_model(model).embed_tokens(input_ids).clone()  # [1, N, D]
+    features = _image_features(model, pixel_values, image_sizes).to(embeds.dtype)  # [V0, D]
+    if features.shape[0] != where.numel():
+        raise ValueError(f"{where.numel()} image tokens but {features.shape[0]} image features")
+    embeds[0, where] = features
+    return embeds, where
+
+
+def input_embeddings(
+    model: Any,
+    input_ids: torch.Tensor,
+    pixel_values: torch.Tensor,
+    image_sizes: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, int, int]:
+    """Token embeddings with the projected image features spliced in (llava-hf style).
+
+    Args:
+      input_ids: int64 [1, N] with the image token id repeated V0 times, contiguously.
+      pixel_values: [1, 3, H, W]; LLaVA-NeXT: [1, tiles, 3, H, W] with `image_sizes` [1, 2]
+        (height, width), whose packed features (newlines included) are the V0 tokens.
+    Returns:
+      (E [1, N, D] in the model dtype, p, V0).
+    """
+    embeds, where = visual_embeddings(model, input_ids, pixel_values, image_sizes)
     p, v0 = int(where[0]), int(where.numel())
     if int(where[-1]) != p + v0 - 1:
         raise ValueError("image tokens must be contiguous")
-    lm = language_model(model)
-    embeds = lm.embed_tokens(input_ids)  # [1, N, D]
-    features = _image_features(model, pixel_values).to(embeds.dtype)  # [V0, D]
-    if features.shape[0] != v0:
-        raise ValueError(f"{v0} image tokens but {features.shape[0]} image features")
-    embeds = embeds.clone()
-    embeds[0, p : p + v0] = features
     return embeds, p, v0
 
 
-def _image_features(model: Any, pixel_values: torch.Tensor) -> torch.Tensor:
+def _image_features(
+    model: Any, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None
+) -> torch.Tensor:
     """Projected image features [V0, D] from whichever form get_image_features returns."""
     torch = import_torch()
     getter = getattr(model.model, "get_image_features", None) or model.get_image_features
     dtype = next(model.parameters()).dtype
-    out = getter(pixel_values=pixel_values.to(dtype))
+    extra = {} if image_sizes is None else {"image_sizes": image_sizes}
+    out = getter(pixel_values=pixel_values.to(dtype), **extra)
     if hasattr(out, "pooler_output"):
         out = out.pooler_output
     if isinstance(out, (list, tuple)):

@@ -63,6 +63,7 @@ class RefSparseParams:
     v2_heads: int | None = None
     seed: int = 0
     density_ties: str = "lower_index"
+    schedule_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

@@ -111,8 +111,7 @@ def visual_scores(
     probs: torch.Tensor,
     positions: torch.Tensor,
     rows: torch.Tensor,
-    p: int,
-    v: int,
+    vis_idx: torch.Tensor,
     rotary_emb: Any,
     head_dim: int,
     margins: dict[str, float],
@@ -121,20 +120,19 @@ def visual_scores(
 
     Args:
       probs: float32 [1, H, n, n] the layer's attention. positions: [n] its position ids.
-      rows: [|raters|] absolute rater rows. p, v: prefix length, visual count (v > 0).
+      rows: [|raters|] absolute rater rows. vis_idx: [v] the visual tokens' indices (v > 0).
       margins: receives the "heads" (v2.0) and "rank" (v1) margins.
     Returns:
       (s float32 [v], v1's rank of R or None, v2.0's averaged heads ascending or ()).
     """
-    text_start = p + v
     if params.method == "fastv":  # the last token's head-averaged attention
-        return probs[0].mean(dim=0)[-1, p:text_start], None, ()
+        return probs[0].mean(dim=0)[-1, vis_idx], None, ()
     if params.method == "random":
-        return probs.new_zeros(v), None, ()
+        return probs.new_zeros(int(vis_idx.numel())), None, ()
     heads: tuple[int, ...] = ()
-    per_head = probs[0][:, rows, p:text_start]  # [H, |raters|, v]
+    per_head = probs[0][:, rows][:, :, vis_idx]  # [H, |raters|, v]
     if params.method == "v2_0":
-        bias = rope_bias(rotary_emb, head_dim, positions[rows], positions[p:text_start], probs)
+        bias = rope_bias(rotary_emb, head_dim, positions[rows], positions[vis_idx], probs)
         per_head = per_head / bias  # gravity correction
         n_sel = v2_head_count(per_head.shape[0], params.v2_heads)
         head_mass = per_head.sum(dim=(1, 2))  # [H]
@@ -155,15 +153,25 @@ def visual_scores(
     return scores, rank, heads
 
 
-def budget(params: RefSparseParams, index: int, rank: int | None, v: int) -> int:
-    """k, the visual tokens kept at the index-th pruning layer (SPEC §3, §7); k >= v keeps all."""
+def budget(
+    params: RefSparseParams, index: int, rank: int | None, v: int, v0: int | None = None
+) -> int:
+    """k, the visual tokens kept at the index-th pruning layer (SPEC §3, §7); k >= v keeps all.
+
+    With `params.schedule_tokens` a schedule entry is scaled to the example's initial visual
+    count v0 (SPEC §9.3): max(1, round(entry * v0 / schedule_tokens)).
+    """
+    scheduled = params.schedule[index] if params.schedule else 0
+    if params.schedule and params.schedule_tokens:
+        assert v0 is not None
+        scheduled = max(1, round(scheduled * v0 / params.schedule_tokens))
     if params.method == "v1":
         assert rank is not None
         k = v if v - rank == 0 else min(int(rank * params.scale + params.bias), v - 1)
     elif params.method == "fastv":
         k = min(round(v * (1 - params.fastv_ratio)), v)
     elif params.method == "random":
-        k = min(params.schedule[index], v)
+        k = min(scheduled, v)
     else:  # v1_5, v2_0
-        k = min(params.schedule[index], v - 1)
+        k = min(scheduled, v - 1)
     return max(k, 0)

@@ -70,6 +70,9 @@ class SparseConfig:
     v2_heads: heads averaged by v2.0; None = `v2_num_heads`'s rule (14, or round(14/32 *
       heads) on models with fewer than 14 heads).
     seed: the random method's seed.
+    schedule_tokens: None, or the visual count `schedule` is written for: each example then
+      runs `round(schedule[i] * V0 / schedule_tokens)` (SPEC §9.3, V0 its own visual count),
+      for families whose visual count varies per example (LLaVA-NeXT).
     capacity: the capacity policy (DESIGN.md). "bucketed" (default): the prefill runs stage by
       stage, the host reads each pruning layer's budgets and the next stage runs with the
       batch's largest rounded up to a bucket (`sparsevlm_jax.prefill`): the decisions of
@@ -93,6 +96,7 @@ class SparseConfig:
     capacities: tuple[int, ...] = ()
     recycled_capacities: tuple[int, ...] = ()
     budget_name: int | None = None
+    schedule_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -112,6 +116,8 @@ class SparseConfig:
                 f"method {self.method} needs one schedule entry per pruning layer "
                 f"({len(self.layers)}), got {self.schedule}"
             )
+        if self.schedule_tokens is not None and self.schedule_tokens < 1:
+            raise ConfigError(f"schedule_tokens must be >= 1, got {self.schedule_tokens}")
         if any(k < 0 for k in self.schedule):
             raise ConfigError(f"schedule entries must be >= 0, got {self.schedule}")
         if self.v2_heads is not None and self.v2_heads < 1:
@@ -273,9 +279,14 @@ def named_sparse_config(
     budget: int | None,
     num_layers: int = 32,
     num_image_tokens: int = REFERENCE_IMAGE_TOKENS,
+    variable_visual: bool = False,
     **kw: Any,
 ) -> SparseConfig:
     """The SparseConfig of a named preset (`("dense", None)` gives no pruning).
+
+    `variable_visual`: for families whose visual count varies per example (LLaVA-NeXT): the
+    schedules stay written for 576 tokens and scale per example (`schedule_tokens`, SPEC
+    §9.3), and every method runs the `bucketed` policy unless `kw` names a capacity.
 
     Pruning layers are the authors' whatever the depth, scaled only on models too shallow for
     them (`preset_layers`, SPEC §6); models with other than 576 visual tokens get schedules
@@ -288,6 +299,8 @@ def named_sparse_config(
     """
     if method == "dense":
         return SparseConfig()
+    if variable_visual:
+        return _variable_visual_config(method, budget, num_layers, **kw)
     known = NAMED_BUDGETS.get(method)
     if known is None:
         raise ConfigError(f"unknown sparse method {method!r}; known: {', '.join(METHODS)}")
@@ -314,6 +327,47 @@ def named_sparse_config(
         schedule = _visual_counts_after(v15.with_static_shape(schedule, num_image_tokens))
     cfg = SparseConfig(method=method, layers=layers, schedule=schedule, budget_name=budget, **kw)
     return cfg if "capacity" in kw else cfg.with_static_shape(schedule, num_image_tokens)
+
+
+# LLaVA-NeXT's community budgets ("640 / 320 / 160 of 2880", SPEC §9.3) as budgets of 576.
+NEXT_BUDGETS: dict[int, int] = {640: 128, 320: 64, 160: 32}
+# Where the authors have no schedule (32 of 576), fixed schedules run the 64 one at half.
+HALF_OF_64 = 32
+
+
+def variable_visual_budgets(method: str) -> tuple[int, ...]:
+    """Named budgets of `method` on families with per-example visual counts: its 576-token
+    budgets (as fractions) plus the LLaVA-NeXT community's 640 / 320 / 160 of 2880."""
+    extra = [b for b, b576 in NEXT_BUDGETS.items() if b576 in NAMED_BUDGETS[method]]
+    if method != "v1":  # v1's budgets are rank rules: there is none for 32 of 576
+        extra = list(NEXT_BUDGETS)
+    return (*NAMED_BUDGETS[method], *extra)
+
+
+def _variable_visual_config(method: str, budget: int | None, num_layers: int, **kw: Any):
+    """`named_sparse_config` for per-example visual counts (SPEC §9.3): schedules written
+    for 576 tokens scale with each example's count; 640 / 320 / 160 (of 2880) name 128 / 64
+    / 32 (of 576); 32 runs the 64 schedule at half (schedule_tokens 1152)."""
+    known = NAMED_BUDGETS.get(method)
+    if known is None:
+        raise ConfigError(f"unknown sparse method {method!r}; known: {', '.join(METHODS)}")
+    if budget not in variable_visual_budgets(method):
+        named = list(variable_visual_budgets(method))
+        raise ConfigError(f"no {method} budget named {budget}; named budgets: {named}")
+    kw.setdefault("capacity", "bucketed")
+    ref = REFERENCE_IMAGE_TOKENS
+    b576 = NEXT_BUDGETS.get(budget, budget)
+    half = b576 == HALF_OF_64
+    tokens = 2 * ref if half else ref
+    cfg = named_sparse_config(method, 64 if half else b576, num_layers, ref, **kw)
+    if method == "fastv" and half:
+        cfg = cfg.replace(fastv_ratio=1 - b576 / ref)
+    if method in FIXED_SCHEDULE_METHODS:
+        if method == "random":  # v1.5's counts after each layer at 576 tokens, scaled alike
+            v15 = named_sparse_config("v1_5", 64 if half else b576, num_layers, ref)
+            cfg = cfg.replace(schedule=_visual_counts_after(v15))
+        cfg = cfg.replace(schedule_tokens=tokens)
+    return cfg.replace(budget_name=budget)
 
 
 def _visual_counts_after(cfg: SparseConfig) -> tuple[int, ...]:

@@ -23,11 +23,17 @@ from flax import struct
 from sparsevlm_jax.config import ConfigError, LlavaConfig, TextConfig
 from sparsevlm_jax.flops import prefill_flops
 from sparsevlm_jax.model import llama
-from sparsevlm_jax.model.sequence import SeqState, positions_from_valid
+from sparsevlm_jax.model.sequence import SeqState, positions_from_valid, row_slots
 from sparsevlm_jax.sharding import PER_HEAD_ROWS, SMALL, constrain
-from sparsevlm_jax.sparse.common import descending_order
+from sparsevlm_jax.sparse.common import descending_order, iota_like, take_first
 from sparsevlm_jax.sparse.config import SparseConfig, v2_num_heads
-from sparsevlm_jax.sparse.rank import budget_table, fixed_budget, matrix_rank, rank_budget
+from sparsevlm_jax.sparse.rank import (
+    budget_table,
+    fixed_budget,
+    matrix_rank,
+    rank_budget,
+    scaled_count,
+)
 from sparsevlm_jax.sparse.raters import rater_scores, text_raters
 from sparsevlm_jax.sparse.recycle import (
     max_candidates_for,
@@ -36,7 +42,7 @@ from sparsevlm_jax.sparse.recycle import (
     num_clusters,
     recycle,
 )
-from sparsevlm_jax.sparse.select import select_topk
+from sparsevlm_jax.sparse.select import TopK, select_topk
 
 Array = jax.Array
 
@@ -49,19 +55,23 @@ class LayerCapacity:
     kept: int
     candidates: int
     recycled: int
+    pinned: int = 0  # slots for the text between visual spans, kept in place
 
     @property
     def vis_out(self) -> int:
-        return self.kept + self.recycled
+        return self.kept + self.pinned + self.recycled
 
 
-def plan_capacities(sparse: SparseConfig, num_image_tokens: int) -> list[LayerCapacity]:
+def plan_capacities(
+    sparse: SparseConfig, num_image_tokens: int, pinned: int = 0
+) -> list[LayerCapacity]:
     """Static buffer sizes per pruning layer.
 
     exact: C = the incoming visual capacity (holds every budget, including the keep-all case).
     static: C = `sparse.capacities[i]` (at most the incoming capacity).
     Candidate and recycled slots default to the most that can occur: every incoming visual
-    token pruned (none for methods that do not recycle).
+    token pruned (none for methods that do not recycle). `pinned`: slots of text between
+    visual spans (part of `num_image_tokens`), kept at every layer.
     """
     plan, vis = [], num_image_tokens
     for i in range(len(sparse.layers)):
@@ -77,21 +87,21 @@ def plan_capacities(sparse: SparseConfig, num_image_tokens: int) -> list[LayerCa
         rec = max_clusters_for(cand) if rec is None else min(int(rec), max_clusters_for(cand))
         if not sparse.recycles:
             cand, rec = 0, 0
-        plan.append(LayerCapacity(vis, kept, cand, rec))
-        vis = kept + rec
+        plan.append(LayerCapacity(vis, kept, cand, rec, pinned))
+        vis = kept + pinned + rec
     return plan
 
 
-def text_row_attention(q_text: Array, k_all: Array, valid: Array) -> Array:
-    """Per-head attention probabilities [B, N, T, L] of the last T slots (the text rows).
+def text_row_attention(q_text: Array, k_all: Array, valid: Array, rows: Array) -> Array:
+    """Per-head attention probabilities [B, N, T, L] of the text rows.
 
-    q_text [B,T,N,H] (rotated queries of the text slots), k_all [B,L,K,H], valid [B,L]. Only
-    the text rows are formed, never the full L x L matrix.
+    q_text [B,T,N,H] (rotated queries of the text rows), k_all [B,L,K,H], valid [B,L], rows
+    [B,T] int32 the rows' slots (`row_slots`). Only the text rows are formed, never the full
+    L x L matrix.
     """
     b, t, n, _ = q_text.shape
     length = k_all.shape[1]
-    rows = jnp.arange(length - t, length)
-    mask = (jnp.arange(length)[None, :] <= rows[:, None])[None] & valid[:, None, :]
+    mask = (jnp.arange(length)[None, None, :] <= rows[:, :, None]) & valid[:, None, :]
     probs = llama.attention_probs(q_text, k_all, mask)  # [B, K, G, T, L]
     return probs.reshape(b, n, t, length)
 
@@ -127,6 +137,26 @@ def top_heads_mean(per_head: Array, raters: Array, vis_mask: Array, n_sel: int) 
     chosen = jnp.zeros_like(mass, bool)
     chosen = jnp.put_along_axis(chosen, order[:, :n_sel], True, axis=1, inplace=False)
     return jnp.sum(jnp.where(chosen[:, :, None, None], per_head, 0.0), axis=1) / n_sel
+
+
+def keep_pinned(top: TopK, pinned: Array, pinned_mask: Array) -> tuple[Array, Array, Array]:
+    """The kept buffer with the text between visual spans kept in place.
+
+    top: the visual selection (capacity C); pinned [B, S] region slots of that text (-1
+    padded), pinned_mask [B, V] the same as a mask. Returns (kept_idx [B, C+S] ascending
+    region slots of the kept visual tokens and the text, kept_mask [B, C+S], the text's new
+    slots [B, S] in that buffer, -1 padded).
+    """
+    keep = top.keep_mask_full | pinned_mask
+    iota = iota_like(keep.astype(jnp.int32))
+    _, ascending = jax.lax.sort(((~keep).astype(jnp.int32), iota), dimension=-1, num_keys=2)
+    size = top.kept_idx.shape[1] + pinned.shape[1]
+    count = top.n_kept + jnp.sum(pinned >= 0, axis=1)
+    kept_mask = jnp.arange(size)[None, :] < count[:, None]
+    kept_idx = jnp.where(kept_mask, take_first(ascending, size), 0).astype(jnp.int32)
+    new_slot = jnp.cumsum(keep.astype(jnp.int32), axis=1) - 1
+    moved = jnp.take_along_axis(new_slot, jnp.maximum(pinned, 0), axis=1)
+    return kept_idx, kept_mask, jnp.where(pinned >= 0, moved, -1).astype(jnp.int32)
 
 
 @struct.dataclass
@@ -175,17 +205,23 @@ class Pruner:
     def __init__(self, cfg: LlavaConfig, sparse: SparseConfig, state: SeqState | None = None):
         self.cfg, self.sparse = cfg, sparse
         self.carry = self.init(state) if state is not None else None
-        self.plan = plan_capacities(sparse, state.vis_cap) if state is not None else None
+        pinned = 0 if state is None or state.pinned is None else state.pinned.shape[1]
+        self.plan = plan_capacities(sparse, state.vis_cap, pinned) if state is not None else None
 
     def init(self, state: SeqState) -> PruneCarry:
         """The carry before the first stage (raters from the input embeddings, SPEC §1)."""
-        text = state.text_slice
-        text_mask = state.valid[:, text]
+        # Text rows: the text between visual spans (pinned), then the text (SPEC §9.1).
+        slots = row_slots(state)
+        rows_x = jnp.take_along_axis(state.x, slots[:, :, None], axis=1)
+        text_mask = jnp.take_along_axis(state.valid, slots, axis=1)
+        if state.pinned is not None:
+            text_mask = text_mask.at[:, : state.pinned.shape[1]].set(state.pinned >= 0)
+        vis_mask = state.visual_valid()
         return PruneCarry(
-            raters=text_raters(state.x[:, state.vis_slice], state.x[:, text], text_mask),
+            raters=text_raters(state.x[:, state.vis_slice], rows_x, text_mask, vis_mask),
             text_mask=text_mask,
             num_prefix_valid=jnp.sum(state.valid[:, : state.num_prefix], axis=1),
-            n_vis=(jnp.sum(state.valid[:, state.vis_slice], axis=1).astype(jnp.int32),),
+            n_vis=(jnp.sum(vis_mask, axis=1).astype(jnp.int32),),
             layer_stats=(),
         )
 
@@ -204,12 +240,13 @@ class Pruner:
         state: the sequence with x = the pruning layer's output; q_text [B,T,N,H] and
         k_all [B,L,K,H]: that layer's text-row queries and all keys.
         """
-        vis_mask = state.valid[:, state.vis_slice]
+        vis_mask = state.visual_valid()
         n_vis = jnp.sum(vis_mask, axis=1).astype(jnp.int32)
-        per_head = text_row_attention(q_text, k_all, state.valid)[..., state.vis_slice]
+        rows = row_slots(state)
+        per_head = text_row_attention(q_text, k_all, state.valid, rows)[..., state.vis_slice]
         per_head = constrain(per_head, PER_HEAD_ROWS)  # heads stay where they were computed
         scores, rank = self.score(i, carry, state, per_head, vis_mask)
-        budget = self.budget(i, rank, n_vis, per_head.shape[2], state.vis_cap)
+        budget = self.budget(i, rank, n_vis, per_head.shape[2], state.vis_cap, carry.n_vis[0])
         n_keep = jnp.minimum(jnp.maximum(budget, 0), n_vis).astype(jnp.int32)
         n_cand = num_candidates(n_vis - n_keep) if self.sparse.recycles else jnp.zeros_like(n_vis)
         return Decision(scores, rank, budget, n_vis, n_keep, n_cand)
@@ -220,10 +257,13 @@ class Pruner:
         """Rebuilds the visual region as [kept: cap.kept | recycled: cap.recycled] slots."""
         assert cap.vis_in == state.vis_cap, (cap, state.vis_cap)
         vis = state.vis_slice
-        vis_mask = state.valid[:, vis]
+        vis_mask = state.visual_valid()
         valid_rank = jnp.cumsum(vis_mask.astype(jnp.int32), axis=1) - 1
         scores = dec.scores
         top = select_topk(scores, dec.budget, cap.kept, vis_mask)
+        kept_idx, kept_mask, pinned = top.kept_idx, top.kept_mask, None
+        if state.pinned is not None:  # text between spans stays, in place, among the kept
+            kept_idx, kept_mask, pinned = keep_pinned(top, state.pinned, state.pinned_mask())
         if self.sparse.recycles and cap.recycled > 0:  # 0: no row pruned anything
             rec = recycle(
                 state.x[:, vis], scores, vis_mask, top.keep_mask_full, cap.candidates, cap.recycled
@@ -235,14 +275,14 @@ class Pruner:
             recycled, rec_mask = jnp.zeros((b, 0, d)), jnp.zeros((b, 0), bool)
             n_rec = rec_overflow = jnp.zeros((b,), jnp.int32)
 
-        x_vis = jnp.take_along_axis(state.x[:, vis], top.kept_idx[:, :, None], axis=1)
+        x_vis = jnp.take_along_axis(state.x[:, vis], kept_idx[:, :, None], axis=1)
         x_vis = jnp.concatenate([x_vis, recycled.astype(state.x.dtype)], axis=1)
-        vis_valid = jnp.concatenate([top.kept_mask, rec_mask], axis=1)
+        vis_valid = jnp.concatenate([kept_mask, rec_mask], axis=1)
         p = state.num_prefix
         x = jnp.concatenate([state.x[:, :p], x_vis, state.x[:, vis.stop :]], axis=1)
         valid = jnp.concatenate([state.valid[:, :p], vis_valid, state.valid[:, vis.stop :]], 1)
         if self.sparse.keeps_positions:  # v2.0: kept tokens keep their position ids
-            pos_vis = jnp.take_along_axis(state.positions[:, vis], top.kept_idx, axis=1)
+            pos_vis = jnp.take_along_axis(state.positions[:, vis], kept_idx, axis=1)
             pos_vis = jnp.concatenate([pos_vis, jnp.zeros_like(rec_mask, jnp.int32)], axis=1)
             positions = jnp.concatenate(
                 [state.positions[:, :p], pos_vis, state.positions[:, vis.stop :]], axis=1
@@ -265,7 +305,7 @@ class Pruner:
         carry = carry.replace(
             n_vis=(*carry.n_vis, top.n_kept + n_rec), layer_stats=(*carry.layer_stats, layer)
         )
-        return SeqState(x, valid, positions, p, cap.vis_out), carry
+        return SeqState(x, valid, positions, p, x_vis.shape[1], pinned), carry
 
     def score(
         self, i: int, carry: PruneCarry, state: SeqState, per_head: Array, vis_mask: Array
@@ -274,7 +314,8 @@ class Pruner:
         sp, b = self.sparse, per_head.shape[0]
         no_rank = jnp.zeros((b,), jnp.int32)
         if sp.method == "fastv":  # the last prompt token's head-averaged attention
-            last = jnp.sum(carry.text_mask, axis=1) - 1
+            pinned = carry.text_mask.shape[1] - state.num_text  # rows before the text's
+            last = pinned + jnp.sum(state.valid[:, state.text_slice], axis=1) - 1
             mean = constrain(jnp.mean(per_head, axis=1), SMALL)  # sharding.py: [B, T, V]
             row = jnp.take_along_axis(mean, last[:, None, None], axis=1)
             return jnp.where(vis_mask, row[:, 0], -jnp.inf), no_rank
@@ -283,10 +324,8 @@ class Pruner:
             noise = jax.random.uniform(key, vis_mask.shape[1:])
             return jnp.where(vis_mask, noise[None], -jnp.inf), no_rank
         if sp.method == "v2_0":
-            t = carry.text_mask.shape[1]
-            gravity = rope_gravity(
-                self.cfg.text, state.positions[:, -t:], state.positions[:, state.vis_slice]
-            )
+            text_pos = jnp.take_along_axis(state.positions, row_slots(state), axis=1)
+            gravity = rope_gravity(self.cfg.text, text_pos, state.positions[:, state.vis_slice])
             heads = per_head.shape[1]
             n_sel = v2_num_heads(heads, sp.v2_heads)
             relation = top_heads_mean(per_head / gravity[:, None], carry.raters, vis_mask, n_sel)
@@ -300,9 +339,15 @@ class Pruner:
             return scores, no_rank
         return scores, matrix_rank(relation, carry.raters, vis_mask)[0]
 
-    def budget(self, i: int, rank: Array, n_vis: Array, num_text: int, vis_cap: int) -> Array:
-        """k [B] per SPEC §3 / §7; k >= V means the layer prunes nothing."""
+    def budget(
+        self, i: int, rank: Array, n_vis: Array, num_text: int, vis_cap: int, n_vis0: Array
+    ) -> Array:
+        """k [B] per SPEC §3 / §7 (§9.3: schedules scaled to each example's first visual
+        count `n_vis0` when `schedule_tokens` is set); k >= V means the layer prunes nothing."""
         sp = self.sparse
+        scheduled = sp.schedule[i] if sp.schedule else 0
+        if sp.schedule and sp.schedule_tokens:
+            scheduled = scaled_count(sp.schedule[i], n_vis0, sp.schedule_tokens)
         if sp.method == "v1":
             table = budget_table(sp.scale, sp.bias, min(num_text, vis_cap))
             return rank_budget(rank, n_vis, table)
@@ -310,13 +355,14 @@ class Pruner:
             table = np.asarray([round(v * (1 - sp.fastv_ratio)) for v in range(vis_cap + 1)])
             return jnp.minimum(jnp.asarray(table, jnp.int32)[n_vis], n_vis)
         if sp.method == "random":
-            return jnp.minimum(sp.schedule[i], n_vis).astype(jnp.int32)
-        return fixed_budget(n_vis, sp.schedule[i])  # v1.5, v2.0: min(schedule, V - 1)
+            return jnp.minimum(scheduled, n_vis).astype(jnp.int32)
+        return fixed_budget(n_vis, scheduled)  # v1.5, v2.0: min(schedule, V - 1)
 
     def stats(self, carry: PruneCarry | None = None) -> dict[str, Array]:
         """Per-example statistics, every array with a leading batch axis.
 
-        raters [B,T] bool (relative to the text start); per pruning layer i (axis 1):
+        raters [B,T] bool (relative to the text start); visual_tokens [B] (V0, the valid visual
+        tokens the prefill started with); per pruning layer i (axis 1):
         rank, budget, num_kept, recycled, overflow [B, n_layers]; kept [B, n_layers, Cmax]
         (kept visual indices relative to that layer's visual range, -1 padded);
         visual_counts [B, num_layers] (after each decoder layer, recycled included);
@@ -342,8 +388,18 @@ class Pruner:
             start = stop + 1
         processed = jnp.stack(processed, axis=1)
         dense = jnp.broadcast_to(carry.n_vis[0] + other, processed.shape[:1])[:, None]
+        raters = carry.raters
+        # Rows are [text between spans (padded) | text (padded)]: valid rows first, so a
+        # rater's index is its text token's rank in sequence order (SPEC §9.1).
+        order = jax.lax.sort(
+            ((~carry.text_mask).astype(jnp.int32), iota_like(raters.astype(jnp.int32))),
+            dimension=-1,
+            num_keys=1,
+            is_stable=True,
+        )[1]
         out = {
-            "raters": carry.raters,
+            "raters": jnp.take_along_axis(raters, order, axis=1),
+            "visual_tokens": carry.n_vis[0],
             "visual_counts": visual_counts,
             "equivalent_tokens": jnp.mean(visual_counts.astype(jnp.float32), axis=1),
             "tokens_per_layer": processed,

@@ -77,6 +77,18 @@ def rank_budget(rank: jax.Array, n_visual: jax.Array, table: jax.Array | np.ndar
     return jnp.where(n_visual - rank == 0, n_visual, k).astype(I32)
 
 
+def scaled_count(k: int, n_visual0: jax.Array, reference: int) -> jax.Array:
+    """A schedule entry written for `reference` visual tokens on examples with `n_visual0`
+    (SPEC §9.3): `round(k * V0 / reference)` (halves to even, as Python's round), at least 1.
+
+    Integer arithmetic, so the rounding is exact. n_visual0 [B] int32 -> [B] int32.
+    """
+    num = jnp.asarray(k, I32) * n_visual0.astype(I32)
+    q, r = num // reference, num % reference
+    up = (2 * r > reference) | ((2 * r == reference) & (q % 2 == 1))
+    return jnp.maximum(q + up.astype(I32), 1).astype(I32)
+
+
 def fixed_budget(n_visual: jax.Array, k: int | jax.Array) -> jax.Array:
     """v1.5 / v2.0 budget: `min(k, V - 1)` (SPEC §3).
 
