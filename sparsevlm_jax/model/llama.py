@@ -12,9 +12,11 @@ Prefill attention skips what the causal mask throws away (`CausalMask`): slot or
 order (query slot t sees key slot s iff s <= t and s is valid, whatever the positions), so the
 query axis is cut into a few static blocks and block i only forms scores against the keys up
 to its own end. Shapes stay static and the masks exact; about (n-1)/2n of the score and
-softmax work of n blocks is never done. With `SPARSEVLM_ATTENTION=cudnn` (or `auto` on a GPU in
-bf16/fp16) the prefill uses `jax.nn.dot_product_attention`'s cuDNN kernel instead, which skips
-the masked half itself (`attention_implementation`).
+softmax work of n blocks is never done. Long sequences (>= `attention.FLASH_MIN_LENGTH` slots)
+tile the keys too, with an online softmax (`attention.flash_causal_attend`): memory linear in
+the length, only the causal half of the tiles visited. With `SPARSEVLM_ATTENTION=cudnn` (or
+`auto` on a GPU in bf16/fp16) the prefill uses `jax.nn.dot_product_attention`'s cuDNN kernel
+instead, which skips the masked half itself (`attention_implementation`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparsevlm_jax.config import TextConfig
+from sparsevlm_jax.model import attention
 
 Array = jax.Array
 NEG_INF = -1e30  # finite, so fully masked rows (padding slots) give no NaNs
@@ -169,6 +172,7 @@ class CausalMask:
 
     valid: Array  # [B, T] bool
     ends: tuple[int, ...]
+    unroll: bool = False  # Python loops, not `fori_loop`s, in the tiled path (FLOP counting)
 
     def dense(self) -> Array:
         """The same mask as a [B, T, T] array."""
@@ -190,7 +194,17 @@ def query_block_ends(
 
 
 def causal_attend(q: Array, k: Array, v: Array, mask: CausalMask) -> Array:
-    """Causal self-attention [B, T, N*H] of q [B,T,N,H], k/v [B,T,K,H], block by block."""
+    """Causal self-attention [B, T, N*H] of q [B,T,N,H], k/v [B,T,K,H], block by block.
+
+    Long sequences (`attention.flash_block`: T >= `attention.FLASH_MIN_LENGTH` slots) with more
+    than one query block run `attention.flash_causal_attend`, tiled over keys too (online
+    softmax, memory linear in T; its own static tiles, not `mask.ends`); shorter ones, or a
+    single block (`query_blocks=1`: the whole causal score matrix, as the FLOPs count traces
+    it), form each query block's whole score rows against its causal key prefix here.
+    """
+    block = attention.flash_block(q.shape[1]) if len(mask.ends) > 1 else None
+    if block is not None:
+        return attention.flash_causal_attend(q, k, v, mask.valid, block, mask.unroll)
     outs, start = [], 0
     for end in mask.ends:
         rows = jnp.arange(start, end)
@@ -311,10 +325,12 @@ def prefill_stage(
         `QUERY_BLOCKS`, fewer on short sequences; 1 = no block skipping).
       query_slots: optional [B, S] int32 more slots whose queries come first (text between
         visual spans, which pruning layers also score with).
+      unroll: unrolls the layer scan, and the tile loops of a long sequence's attention
+        (`CausalMask.unroll`), for FLOP counting.
     Returns:
       (x [B,T,D], kv with k/v [stop-start, B, T, K, H], q [B, S + query_tail, N, H] or None).
     """
-    mask = CausalMask(valid, query_block_ends(x.shape[1], query_blocks))
+    mask = CausalMask(valid, query_block_ends(x.shape[1], query_blocks), unroll)
     impl = attention_implementation(x.dtype, cfg.head_dim)
 
     def body(x, i):
