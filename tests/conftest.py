@@ -1,20 +1,10 @@
-"""Test-session setup: one persistent compilation cache for the whole run, in a temporary
-directory, unless the environment names one. The tests' processes (in-process calls and the
-installed command in subprocesses) share compiled programs, and nothing is written to the
-user's own cache (`sparsevlm_jax.compile_cache`)."""
+"""Test-session setup: the persistent compilation cache is off for the tests (in-process calls
+and the installed command in subprocesses), unless the environment names a cache, so every
+test compiles what it runs, as before the cache existed, and nothing is written to the user's
+cache. `tests/test_compile_cache.py` turns it on, in directories of its own."""
 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 
-_OWN = None
-if "SPARSEVLM_COMPILE_CACHE" not in os.environ:
-    _OWN = tempfile.mkdtemp(prefix="sparsevlm-test-cache-")
-    os.environ["SPARSEVLM_COMPILE_CACHE"] = _OWN
-
-
-def pytest_sessionfinish(session, exitstatus) -> None:  # noqa: ARG001 - pytest's hook signature
-    if _OWN is not None:
-        shutil.rmtree(_OWN, ignore_errors=True)
+os.environ.setdefault("SPARSEVLM_COMPILE_CACHE", "off")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from sparsevlm_jax import bench
-from sparsevlm_jax.bench.flops import expected_counts, static_capacities
+from sparsevlm_jax.bench.counts import expected_counts, static_capacities
 from sparsevlm_jax.bench.workloads import parse_image_sets
 from sparsevlm_jax.presets import SHAPES
 from sparsevlm_jax.sparse.config import named_sparse_config

@@ -266,7 +266,7 @@ def bench_sparse_config(
     static=True (one program to lower, FLOPs-only runs): static capacities, a known static
     shape for rank-adaptive methods, else the method's own schedule. LLaVA-NeXT
     (`visual_counts`: each example's V0): the capacities are the batch's largest budgets and
-    recycled counts at each pruning layer (`flops.expected_counts`), what the bucketed run
+    recycled counts at each pruning layer (`counts.expected_counts`), what the bucketed run
     would see before rounding to its capacity ladder.
     """
     if cfg.family == "llava_next":
@@ -275,7 +275,7 @@ def bench_sparse_config(
         )
         if not static or not sparse.enabled:
             return sparse
-        from sparsevlm_jax.bench.flops import static_capacities
+        from sparsevlm_jax.bench.counts import static_capacities
 
         if visual_counts is None:
             raise ValueError("a static LLaVA-NeXT config needs the examples' visual counts")

@@ -13,7 +13,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sparsevlm_jax.cli import calibrate, demo, generate, info, visualize
+from sparsevlm_jax.cli import calibrate, convert, demo, generate, info, visualize
 from sparsevlm_jax.cli.bench import run_bench
 from sparsevlm_jax.cli.errors import EXIT_BUG, EXIT_INPUT, PROG, error_message, input_error_types
 from sparsevlm_jax.cli.mesh import add_eval_mesh_arg
@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     command(
         "convert",
         "convert a llava-hf / transformers / original LLaVA checkpoint to ours",
-        info.cmd_convert,
+        convert.cmd_convert,
         parents=[convert_parser()],
         conflict_handler="resolve",
     )

@@ -19,7 +19,7 @@ from sparsevlm_jax.cli.models import load_pipeline, make_processor, model_config
 from sparsevlm_jax.cli.options import comma_ints
 from sparsevlm_jax.cli.sparsity import check_budget, default_layers
 from sparsevlm_jax.errors import InputError
-from sparsevlm_jax.sparse.config import SparseConfig
+from sparsevlm_jax.sparse.config import NEXT_BUDGETS, SparseConfig
 
 
 def check_calibrate_args(args: argparse.Namespace) -> None:
@@ -32,14 +32,19 @@ def check_calibrate_args(args: argparse.Namespace) -> None:
         raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
 
 
-def v1_configs(args: argparse.Namespace, num_layers: int, num_visual: int) -> dict[int, Any]:
-    """Named budget -> the `exact` v1 config to calibrate, checked against the model."""
+def v1_configs(
+    args: argparse.Namespace, num_layers: int, num_visual: int, variable: bool = False
+) -> dict[int, Any]:
+    """Named budget -> the `exact` v1 config to calibrate, checked against the model
+    (`variable`: visual counts vary per image, LLaVA-NeXT's 640 / 320 names too)."""
     budgets = comma_ints(args.budgets, "--budgets")
     layers = comma_ints(args.layers, "--layers") if args.layers else default_layers(num_layers)
     out = {}
     for b in dict.fromkeys(budgets):
-        check_budget("v1", b, num_visual)
-        sparse = SparseConfig.v1(b, num_layers, layers, capacity="exact")
+        check_budget("v1", b, num_visual, variable)
+        rule = NEXT_BUDGETS.get(b, b) if variable else b
+        sparse = SparseConfig.v1(rule, num_layers, layers, capacity="exact")
+        sparse = sparse.replace(budget_name=b)
         sparse.validate_for(num_layers)
         out[b] = sparse
     return out
@@ -78,7 +83,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     questions = ev.read_questions(args.questions)[: args.examples]
     ev.check_images(questions, args.image_folder)
     cfg = model_config(path, args.clip)
-    configs = v1_configs(args, cfg.text.num_hidden_layers, cfg.num_image_tokens)
+    variable = cfg.family == "llava_next"
+    configs = v1_configs(args, cfg.text.num_hidden_layers, cfg.num_image_tokens, variable)
     processor = make_processor(args, path, cfg)
     size = min(args.batch_size, len(questions))
     if size > max(processor.buckets.batch):

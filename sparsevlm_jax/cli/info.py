@@ -31,14 +31,6 @@ if TYPE_CHECKING:
 COMMON_SIZES: tuple[tuple[int, int], ...] = ((672, 672), (480, 640), (720, 1280), (336, 336))
 
 
-def cmd_convert(args: argparse.Namespace) -> int:
-    """Runs the converter (`convert.cli.run`) and prints its summary."""
-    from convert.cli import run
-
-    print(run(args))
-    return EXIT_OK
-
-
 def model_arrays(path: Path, cfg: LlavaConfig) -> tuple[dict[str, tuple], str]:
     """(flat key -> (shape, dtype), description) for a checkpoint or a source directory."""
     from sparsevlm_jax import checkpoint

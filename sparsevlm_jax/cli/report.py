@@ -44,7 +44,10 @@ def describe_sparse(sparse: SparseConfig) -> str:
     elif sparse.method == "fastv":
         parts.append(f"ratio {sparse.fastv_ratio:.3f}")
     else:
-        parts.append(f"schedule {','.join(map(str, sparse.schedule))}")
+        per = ""
+        if sparse.schedule_tokens:
+            per = f" of {sparse.schedule_tokens}, scaled to each image's count"
+        parts.append(f"schedule {','.join(map(str, sparse.schedule))}{per}")
     parts.append(f"layers {','.join(map(str, sparse.layers))}")
     cap = sparse.capacity
     if sparse.capacities:
