@@ -56,7 +56,7 @@ WAIT_MINUTES = 25
 BENCH_ARGS = [
     "bench", "--shape", "mini-next", "--dtype", "float32", "--methods", "dense",
     "--images", "480x640", "--warmup", "1", "--repeat", "5", "--decode-steps", "1",
-    "--ttft-repeat", "1", "--max-new-tokens", "2", "--count", "none", "--no-save", "--json",
+    "--ttft-repeat", "1", "--max-new-tokens", "4", "--count", "none", "--no-save", "--json",
     "--quiet",
 ]  # fmt: skip
 
@@ -335,7 +335,9 @@ def markdown(data: dict[str, Any]) -> str:
             "",
             f"{HEADS} heads of {HEAD_DIM}, float32, batch 1, {att['valid']} invalid; torch "
             f"`scaled_dot_product_attention(is_causal=True)` on {att['torch_threads']} threads "
-            f"(no padding mask: its fused path). Load average {fmt_load(att)}.",
+            f"(no padding mask: its fused path). Load average {fmt_load(att)} (the end: this "
+            "run's own load). *after* = the tile size `flash_block` picks (*rows*: the "
+            "query-block path, below `FLASH_MIN_LENGTH`).",
             "",
             "| slots | " + " | ".join(names) + " | after block | after / before | after / torch |",
             "|---|" + "---|" * (len(names) + 3),
@@ -355,9 +357,12 @@ def markdown(data: dict[str, Any]) -> str:
         b, a = pre["runs"]["before"], pre["runs"]["after"]
         lines += [
             "",
-            "## Dense mini-next prefill (2,432 slots), each run a fresh process",
+            "## Dense mini-next prefill (one 480x640 image: 2,432 visual slots, 2,531 in all), "
+            "each run a fresh process",
             "",
-            f"`{pre['command']}`; load average {fmt_load(pre)}.",
+            f"`{pre['command']}`; load average {fmt_load(pre)} (the end: these runs' own "
+            "load). Before, after and transformers come from the same session; compare them "
+            "with each other, not with other days' runs.",
             "",
             "| | JAX prefill ms (min) | transformers sdpa ms (min) | JAX / transformers | "
             "JAX prefill temporaries MiB |",
