@@ -27,10 +27,12 @@ import jax.numpy as jnp
 Array = jax.Array
 NEG_INF = -1e30  # finite, as in llama: a block whose keys are all masked gives no NaN
 
-# Block size by sequence length (`flash_block`). Measured on 2 CPU cores (float32, 8 heads of
-# 32, benchmarks/results/long-prefill.md): below FLASH_MIN_LENGTH slots llama's query-block
-# path (whole score rows per query block) is as fast or faster, above it the tiled path wins
-# and its memory stops growing with T².
+# Block size by sequence length (`flash_block`), measured on 2 CPU cores (mini-next heads, 4 of
+# 64, float32; benchmarks/results/long-prefill.md): tiles of 512 were the fastest from 1,024 to
+# 4,096 slots (2,048: 22 ms against 33 / 37 ms for 256 / 1,024 and 61 ms for query blocks; 4,096:
+# 74 against 115 / 91 / 311) and within 4% of 1,024 at 8,192 (289 vs 279, 256: 457; query
+# blocks 1,562). Below 1,024 slots the gain is a millisecond or less (640: 3.2 vs 4.0 ms) and
+# within noise at 320-900 whatever the tile, so those keep llama's query-block path unchanged.
 FLASH_MIN_LENGTH = 1024
 FLASH_BLOCK = 512
 
