@@ -230,7 +230,8 @@ def markdown_reduction_table(entries: list[dict[str, Any]]) -> list[str]:
         "program traced with one query block (`QUERY_BLOCKS = 1`), i.e. the whole causal score "
         "matrix as SPEC §8 counts it (lowered count); *XLA as run*: the program the prefill "
         "runs, whose attention skips the key blocks the causal mask removes "
-        "(`llama.CausalMask`, 4 query blocks: 3/8 of the score work), which SPEC §8 does not: "
+        "(`llama.CausalMask`: 4 query blocks below 1,024 slots, key tiles of 512 from there, "
+        "`model/attention.py`), which SPEC §8 does not: "
         "on ~3,000-token dense prefills that is several percent of the decoder, so its "
         "reductions come out lower than the ideal's. Padding (visual ladder, batch, prompt "
         "buckets) is in both XLA counts, never in *ideal valid*.",
