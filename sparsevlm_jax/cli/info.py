@@ -20,6 +20,7 @@ from sparsevlm_jax.cli.errors import EXIT_OK
 from sparsevlm_jax.cli.models import model_config, resolve_model
 from sparsevlm_jax.cli.report import human_bytes
 from sparsevlm_jax.config import ConfigError, LlavaConfig
+from sparsevlm_jax.presets import anyres_spec
 from sparsevlm_jax.sparse.config import V1_LAYERS_32, preset_layers
 
 if TYPE_CHECKING:
@@ -126,22 +127,6 @@ def visual_summary(cfg: LlavaConfig) -> str:
         return f"{cfg.num_image_tokens} visual tokens"
     r = visual_range(anyres_spec(cfg))
     return f"llava_next (anyres), {r.fewest:,}-{r.most:,} visual tokens per image (by size)"
-
-
-def anyres_spec(cfg: LlavaConfig) -> AnyresSpec:
-    """The tiling of a LLaVA-NeXT config, for counting tokens (counts do not depend on the
-    preprocessor's mean / std or resize edge, so CLIP's defaults stand in)."""
-    from sparsevlm_jax.anyres import AnyresSpec
-    from sparsevlm_jax.processing import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-
-    return AnyresSpec(
-        pinpoints=cfg.image_grid_pinpoints,
-        tile_size=cfg.vision.image_size,
-        patch_size=cfg.vision.patch_size,
-        image_mean=OPENAI_CLIP_MEAN,
-        image_std=OPENAI_CLIP_STD,
-        shortest_edge=cfg.vision.image_size,
-    )
 
 
 @dataclass(frozen=True)
