@@ -350,9 +350,9 @@ class Processor:
         out = np.zeros((len(imgs), self.max_tiles, s, s, 3), np.float32)
         index = []
         for i, img in enumerate(imgs):
-            tiles = preprocess_anyres(to_rgb(img), self.anyres)
+            tiles, idx = self._tiles(img, 0)
             out[i, : len(tiles)] = tiles
-            index.append(packed_indices((img.height, img.width), self.anyres))
+            index.append(idx)
         return out, index
 
     def __call__(self, images: Sequence[ImageLike], questions: Sequence[str]) -> tuple[Batch, int]:

@@ -21,11 +21,11 @@ import pytest
 from PIL import Image
 from tiny_models import IMAGE_TOKEN, NEXT_PINPOINTS, save_tiny_llava_next, tiny_llava_next
 
+from sparsevlm_jax import reference as ref
 from sparsevlm_jax.anyres import AnyresSpec, num_visual_tokens, preprocess_anyres
 from sparsevlm_jax.processing import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 torch = pytest.importorskip("torch")  # optional extra: the transformers side and the reference
-ref = pytest.importorskip("sparsevlm_jax.reference")
 
 SCRIPT = str(Path(sys.executable).with_name("sparsevlm"))
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}

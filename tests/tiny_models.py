@@ -65,6 +65,14 @@ def tiny_llava(
     )
     torch.manual_seed(seed)
     model = transformers.LlavaForConditionalGeneration(cfg).eval()
+    return redraw_weights(model, seed, qk_std, embed_std, projector_std)
+
+
+def redraw_weights(model, seed: int, qk_std=None, embed_std=None, projector_std=None):
+    """Redraws a transformers LLaVA's decoder q/k projections, token embeddings and projector
+    weights at the given stds (None: keep them), seeded; returns the model."""
+    import torch
+
     if qk_std is not None:
         gen = torch.Generator().manual_seed(seed + 1)
         with torch.no_grad():
@@ -178,19 +186,7 @@ def tiny_llava_next(
     gen = torch.Generator().manual_seed(seed + 3)
     with torch.no_grad():  # a visible newline token (init is zeros-ish otherwise)
         model.model.image_newline.copy_(torch.randn(model.model.image_newline.shape, generator=gen))
-        if qk_std is not None:
-            for layer in model.model.language_model.layers:
-                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
-                    proj.weight.copy_(torch.randn(proj.weight.shape, generator=gen) * qk_std)
-        redraw = []
-        if embed_std is not None:
-            redraw.append((model.model.language_model.embed_tokens.weight, embed_std))
-        if projector_std is not None:
-            proj = model.model.multi_modal_projector
-            redraw += [(proj.linear_1.weight, projector_std), (proj.linear_2.weight, projector_std)]
-        for w, std in redraw:
-            w.copy_(torch.randn(w.shape, generator=gen) * std)
-    return model
+    return redraw_weights(model, seed, qk_std, embed_std, projector_std)
 
 
 def next_image_processor():

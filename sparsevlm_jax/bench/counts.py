@@ -7,17 +7,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 from sparsevlm_jax.model.llava import stage_bounds
 from sparsevlm_jax.sparse.config import SparseConfig
+from sparsevlm_jax.sparse.rank import scaled_count
 
 
 def scaled_entry(k: int, v0: int, reference: int | None) -> int:
-    """`sparse.rank.scaled_count` on the host: round(k * v0 / reference), halves to even
-    (exact integer arithmetic), at least 1; `k` itself without a reference."""
+    """`sparse.rank.scaled_count` for one example: round(k * v0 / reference), halves to even,
+    at least 1; `k` itself without a reference."""
     if not reference:
         return k
-    q, r = divmod(k * v0, reference)
-    return max(q + int(2 * r > reference or (2 * r == reference and q % 2 == 1)), 1)
+    return int(scaled_count(k, np.asarray([v0], np.int32), reference)[0])
 
 
 def expected_counts(

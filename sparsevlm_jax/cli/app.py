@@ -145,7 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
         conflict_handler="resolve",
     )
 
-    g = command("generate", "answer one question about one image", generate.cmd_generate)
+    g = command(
+        "generate", "answer one question about an image (or several)", generate.cmd_generate
+    )
     add_model_args(g)
     g.add_argument(
         "--image",

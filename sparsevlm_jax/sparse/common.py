@@ -53,6 +53,19 @@ def take_first(x: jax.Array, n: int, fill: int = 0) -> jax.Array:
     return jnp.pad(x, pad, constant_values=fill)
 
 
+def gather_mask(mask: jax.Array, count: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:
+    """The slots a mask selects, ascending (original order), in a buffer of static `size`.
+
+    Args:
+      mask: [B, N] bool, the selected slots. count: [B] int32, how many there are.
+    Returns:
+      (idx [B, size] int32: the selected slots first, 0 beyond `count`; valid [B, size]).
+    """
+    _, ascending = lax.sort(((~mask).astype(I32), iota_like(mask.astype(I32))), num_keys=2)
+    valid = jnp.arange(size, dtype=I32)[None, :] < count[:, None]
+    return jnp.where(valid, take_first(ascending, size), 0).astype(I32), valid
+
+
 def gather_slots(x: jax.Array, idx: jax.Array) -> jax.Array:
     """Gather slots along axis 1.
 

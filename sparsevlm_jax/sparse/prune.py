@@ -25,7 +25,7 @@ from sparsevlm_jax.flops import prefill_flops
 from sparsevlm_jax.model import llama
 from sparsevlm_jax.model.sequence import SeqState, positions_from_valid, row_slots
 from sparsevlm_jax.sharding import PER_HEAD_ROWS, SMALL, constrain
-from sparsevlm_jax.sparse.common import descending_order, iota_like, take_first
+from sparsevlm_jax.sparse.common import descending_order, gather_mask, iota_like
 from sparsevlm_jax.sparse.config import SparseConfig, v2_num_heads
 from sparsevlm_jax.sparse.rank import (
     budget_table,
@@ -148,12 +148,8 @@ def keep_pinned(top: TopK, pinned: Array, pinned_mask: Array) -> tuple[Array, Ar
     slots [B, S] in that buffer, -1 padded).
     """
     keep = top.keep_mask_full | pinned_mask
-    iota = iota_like(keep.astype(jnp.int32))
-    _, ascending = jax.lax.sort(((~keep).astype(jnp.int32), iota), dimension=-1, num_keys=2)
     size = top.kept_idx.shape[1] + pinned.shape[1]
-    count = top.n_kept + jnp.sum(pinned >= 0, axis=1)
-    kept_mask = jnp.arange(size)[None, :] < count[:, None]
-    kept_idx = jnp.where(kept_mask, take_first(ascending, size), 0).astype(jnp.int32)
+    kept_idx, kept_mask = gather_mask(keep, top.n_kept + jnp.sum(pinned >= 0, axis=1), size)
     new_slot = jnp.cumsum(keep.astype(jnp.int32), axis=1) - 1
     moved = jnp.take_along_axis(new_slot, jnp.maximum(pinned, 0), axis=1)
     return kept_idx, kept_mask, jnp.where(pinned >= 0, moved, -1).astype(jnp.int32)

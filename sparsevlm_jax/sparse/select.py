@@ -6,15 +6,13 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from sparsevlm_jax.sparse.common import (
     I32,
     boundary_margin,
     descending_order,
+    gather_mask,
     inverse_permutation,
-    iota_like,
-    take_first,
 )
 
 
@@ -62,11 +60,7 @@ def select_topk(
     rank = inverse_permutation(order)
     keep_full = vis_mask & (rank < n_kept[:, None])
 
-    iota = iota_like(scores)
-    _, ascending = lax.sort(((~keep_full).astype(I32), iota), dimension=-1, num_keys=2)
-    kept_idx = take_first(ascending, capacity)
-    kept_mask = jnp.arange(capacity, dtype=I32)[None, :] < n_kept[:, None]
-    kept_idx = jnp.where(kept_mask, kept_idx, 0).astype(I32)
+    kept_idx, kept_mask = gather_mask(keep_full, n_kept, capacity)
 
     sorted_scores = jnp.take_along_axis(scores, order, axis=-1)
     margin = boundary_margin(sorted_scores, n_kept, n_valid)
