@@ -85,6 +85,36 @@ def add_sparse_args(p: argparse.ArgumentParser) -> None:
         "v1.5/v2.0, 2 for FastV; scaled only on models too shallow for them, SPEC §6)",
     )
     add_capacity_arg(g)
+    add_ingredient_args(p)
+
+
+INGREDIENT_HELP = {
+    "top_heads": "average only the v2_heads heads with the most rater-to-visual attention "
+    "(SparseVLM+) instead of every head",
+    "gravity": "divide attention by the RoPE bias before scoring (SparseVLM+'s gravity "
+    "correction, SPEC §6)",
+    "original_positions": "kept tokens keep their original position ids, a recycled token its "
+    "centre's (SparseVLM+); off: renumbered (v1, v1.5)",
+    "recycling": "merge pruned tokens into recycled ones (v1, v1.5, SPEC §4)",
+}
+
+
+def add_ingredient_args(p: argparse.ArgumentParser) -> None:
+    """--[no-]top-heads, --[no-]gravity, --[no-]original-positions, --[no-]recycling."""
+    g = p.add_argument_group(
+        "SparseVLM+'s ingredients",
+        "Switch one of the four things SparseVLM+ (v2_0) does differently from v1.5 on or off, "
+        "on v1, v1_5 or v2_0 (default: the method's own).",
+    )
+    for name, text in INGREDIENT_HELP.items():
+        g.add_argument(
+            "--" + name.replace("_", "-"), action=argparse.BooleanOptionalAction, help=text
+        )
+
+
+def ingredient_switches(args: argparse.Namespace) -> dict[str, bool]:
+    """The ingredients switched on the command line: {name: on}."""
+    return {k: getattr(args, k) for k in INGREDIENT_HELP if getattr(args, k, None) is not None}
 
 
 def add_capacity_arg(g: argparse._ActionsContainer) -> None:

@@ -49,6 +49,9 @@ def describe_sparse(sparse: SparseConfig) -> str:
             per = f" of {sparse.schedule_tokens}, scaled to each image's count"
         parts.append(f"schedule {','.join(map(str, sparse.schedule))}{per}")
     parts.append(f"layers {','.join(map(str, sparse.layers))}")
+    if sparse.switched:
+        switched = " ".join(("+" if on else "-") + k for k, on in sparse.switched.items())
+        parts.append(f"ingredients switched {switched}")
     cap = sparse.capacity
     if sparse.capacities:
         cap += " " + ",".join(map(str, sparse.capacities))

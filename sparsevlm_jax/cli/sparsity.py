@@ -14,10 +14,11 @@ from pathlib import Path
 
 from sparsevlm_jax.calibrated import calibrated_capacity, default_capacity
 from sparsevlm_jax.cli.errors import PROG
-from sparsevlm_jax.cli.options import DEFAULT_BUDGET, comma_ints
+from sparsevlm_jax.cli.options import DEFAULT_BUDGET, comma_ints, ingredient_switches
 from sparsevlm_jax.config import ConfigError, LlavaConfig
 from sparsevlm_jax.errors import InputError
 from sparsevlm_jax.sparse.config import (
+    INGREDIENT_METHODS,
     METHODS,
     NAMED_BUDGETS,
     NEXT_BUDGETS,
@@ -104,10 +105,19 @@ def sparse_from_args(
     method = args.sparse if args.sparse is not None else ("v1" if explicit else "dense")
     if method not in METHODS:
         raise ConfigError(f"unknown sparse method {method!r}; known: {', '.join(METHODS)}")
+    switches = ingredient_switches(args)
     if method == "dense":
-        if explicit:
-            raise InputError("--budget/--scale/--bias/--layers/--capacity need a sparse method")
+        if explicit or switches:
+            raise InputError(
+                "--budget/--scale/--bias/--layers/--capacity and the ingredient switches "
+                "need a sparse method"
+            )
         return SparseConfig()
+    if switches and method not in INGREDIENT_METHODS:
+        named = ", ".join(
+            "--" + ("" if on else "no-") + k.replace("_", "-") for k, on in switches.items()
+        )
+        raise InputError(f"{named}: switches of {', '.join(INGREDIENT_METHODS)}, not of {method}")
     if method != "v1" and (args.scale is not None or args.bias is not None):
         raise InputError(f"--scale/--bias are v1's budget rule; {method} takes --budget")
     if args.budget is not None and (args.scale is not None or args.bias is not None):
@@ -129,17 +139,19 @@ def sparse_from_args(
             layers=layers if layers is not None else default_layers(num_layers),
             scale=args.scale,
             bias=args.bias or 0.0,
+            **switches,
         )
     elif method == "v1":
         layers = layers if layers is not None else default_layers(num_layers)
         rule = NEXT_BUDGETS.get(budget, budget) if variable else budget  # 640 of 2880 = 128
-        sparse = SparseConfig.v1(rule, num_layers, layers).replace(budget_name=budget)
+        sparse = SparseConfig.v1(rule, num_layers, layers)
+        sparse = sparse.replace(budget_name=budget, **switches)
     else:
         # With explicit --layers the preset is built for the reference depth, then moved.
         depth = num_layers if layers is None else REFERENCE_DEPTH
         try:
             sparse = named_sparse_config(
-                method, budget, depth, num_visual, variable_visual=variable
+                method, budget, depth, num_visual, variable_visual=variable, **switches
             )
         except ConfigError as e:
             raise ConfigError(f"{e}; pass --layers" if "too shallow" in str(e) else e) from None

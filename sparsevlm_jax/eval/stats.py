@@ -54,8 +54,12 @@ def stats_to_json(
     Sparse runs always name their capacity policy: `capacity` = {"policy", "capacities",
     "recycled_capacities"} (per pruning layer) as the prefill reported it, else as `sparse`
     configured it (the capacities then only for `static`, where they are fixed in advance).
+    SparseVLM's methods also name which of SparseVLM+'s ingredients ran: `ingredients` =
+    {"top_heads", "gravity", "original_positions", "recycling": bool}.
     """
     out = jsonable(stats)
+    if sparse.ingredients:
+        out["ingredients"] = dict(sparse.ingredients)
     if "layers" in out:
         check_kept(out["layers"], int(out.get("visual_tokens", num_image_tokens)))
     if sparse.enabled and "capacity" not in out:

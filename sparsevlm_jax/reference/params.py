@@ -15,6 +15,13 @@ if TYPE_CHECKING:
 METHODS = ("dense", "v1", "v1_5", "v2_0", "fastv", "random")
 RECYCLING_METHODS = ("v1", "v1_5")
 KEEP_POSITION_METHODS = ("v2_0",)
+# SparseVLM+'s ingredients as switches on v1 / v1.5 / v2.0: {switch: methods where it is on}.
+SWITCH_DEFAULTS: dict[str, tuple[str, ...]] = {
+    "top_heads": ("v2_0",),
+    "gravity": ("v2_0",),
+    "original_positions": KEEP_POSITION_METHODS,
+    "recycling": RECYCLING_METHODS,
+}
 
 # Named budgets of SPEC §6 (LLaVA-1.5-7B).
 V1_BUDGETS: dict[int, tuple[float, float]] = {192: (13.5, 0.0), 128: (9.0, 6.0), 64: (0.8, 0.0)}
@@ -52,6 +59,9 @@ class RefSparseParams:
       density_ties: how DPC-KNN orders equal densities (`density_order`): "lower_index"
         (default; the deterministic stand-in for the authors' tie-breaking noise) or
         "strict".
+      top_heads, gravity, original_positions, recycling: SparseVLM+'s ingredients switched
+        on or off on v1 / v1.5 / v2.0 (None: the method's own, `SWITCH_DEFAULTS`). A recycled
+        token under original positions takes its centre's position id.
     """
 
     method: str = "v1"
@@ -64,6 +74,10 @@ class RefSparseParams:
     seed: int = 0
     density_ties: str = "lower_index"
     schedule_tokens: int | None = None
+    top_heads: bool | None = None
+    gravity: bool | None = None
+    original_positions: bool | None = None
+    recycling: bool | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -82,13 +96,18 @@ class RefSparseParams:
                 f"got schedule={self.schedule} for layers={self.layers}"
             )
 
+    def switched(self, name: str) -> bool:
+        """Whether an ingredient of `SWITCH_DEFAULTS` is on for this run."""
+        value = getattr(self, name)
+        return self.method in SWITCH_DEFAULTS[name] if value is None else bool(value)
+
     @property
     def recycles(self) -> bool:
-        return self.method in RECYCLING_METHODS
+        return self.switched("recycling")
 
     @property
     def keeps_positions(self) -> bool:
-        return self.method in KEEP_POSITION_METHODS
+        return self.switched("original_positions")
 
     # Presets (SPEC §6, §7) --------------------------------------------------------------
     @classmethod

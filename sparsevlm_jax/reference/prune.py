@@ -119,8 +119,12 @@ def prune_step(
         [h_out[:, :p], h_out[:, region], recycled[None].to(h_out.dtype), h_out[:, text_start:]],
         dim=1,
     )
-    if params.keeps_positions:  # v2.0 (no recycling): kept tokens keep their position ids
-        new_pos = torch.cat([positions[:p], positions[region], positions[text_start:]])
+    if params.keeps_positions:  # v2.0: kept tokens keep their position ids
+        # (recycling switched on too: a recycled token takes its centre's)
+        centre_pos = positions[vis_idx[[candidates[j] for j in centres]]] if c else positions[:0]
+        new_pos = torch.cat(
+            [positions[:p], positions[region], centre_pos, positions[text_start:]]
+        )
     else:
         new_pos = torch.arange(new_h.shape[1], device=positions.device)
     visual = set(int(i) for i in vis_idx)

@@ -131,9 +131,10 @@ def visual_scores(
         return probs.new_zeros(int(vis_idx.numel())), None, ()
     heads: tuple[int, ...] = ()
     per_head = probs[0][:, rows][:, :, vis_idx]  # [H, |raters|, v]
-    if params.method == "v2_0":
+    if params.switched("gravity"):
         bias = rope_bias(rotary_emb, head_dim, positions[rows], positions[vis_idx], probs)
         per_head = per_head / bias  # gravity correction
+    if params.switched("top_heads"):
         n_sel = v2_head_count(per_head.shape[0], params.v2_heads)
         head_mass = per_head.sum(dim=(1, 2))  # [H]
         head_order = descending_order(head_mass)

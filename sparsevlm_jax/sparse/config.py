@@ -50,6 +50,16 @@ REFERENCE_IMAGE_TOKENS = 576
 METHODS = ("dense", "v1", "v1_5", "v2_0", "fastv", "random")
 FIXED_SCHEDULE_METHODS = ("v1_5", "v2_0", "random")
 RECYCLING_METHODS = ("v1", "v1_5")
+# SparseVLM+ (v2.0) differs from v1.5 in four ingredients; each is a switch (`SparseConfig`'s
+# `top_heads`, `gravity`, `original_positions`, `recycling`) on SparseVLM's own methods, None
+# meaning the method's own choice: {switch: methods where it is on by default}.
+INGREDIENTS: dict[str, tuple[str, ...]] = {
+    "top_heads": ("v2_0",),
+    "gravity": ("v2_0",),
+    "original_positions": ("v2_0",),
+    "recycling": RECYCLING_METHODS,
+}
+INGREDIENT_METHODS = ("v1", "v1_5", "v2_0")
 CAPACITY_POLICIES = ("bucketed", "static", "exact")
 
 
@@ -82,6 +92,13 @@ class SparseConfig:
       every budget (saves nothing; for parity tests).
     recycled_capacities: static slots for recycled tokens per pruning layer; empty = the
       largest count that can occur.
+    top_heads, gravity, original_positions, recycling: SparseVLM+'s four ingredients as
+      switches on v1 / v1.5 / v2.0 (None: the method's own; v2.0 has the first three and not
+      recycling, v1 and v1.5 only recycling). top_heads: average the `v2_heads` heads with the
+      most rater-to-visual attention instead of all heads; gravity: divide attention by the
+      RoPE bias first (SPEC §6); original_positions: kept tokens keep their position ids (a
+      recycled token takes its centre's) and decoding continues the prompt's; recycling:
+      SPEC §4.
     """
 
     method: str = "dense"
@@ -97,6 +114,10 @@ class SparseConfig:
     recycled_capacities: tuple[int, ...] = ()
     budget_name: int | None = None
     schedule_tokens: int | None = None
+    top_heads: bool | None = None
+    gravity: bool | None = None
+    original_positions: bool | None = None
+    recycling: bool | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -105,6 +126,13 @@ class SparseConfig:
             raise ConfigError(
                 f"unknown capacity policy {self.capacity!r}; known: {', '.join(CAPACITY_POLICIES)}"
             )
+        if self.method not in INGREDIENT_METHODS:
+            named = [k for k in INGREDIENTS if getattr(self, k) is not None]
+            if named:
+                raise ConfigError(
+                    f"{', '.join(named)}: switches of SparseVLM's methods "
+                    f"({', '.join(INGREDIENT_METHODS)}), not of {self.method}"
+                )
         if self.method == "dense":
             return
         if not self.layers or list(self.layers) != sorted(set(self.layers)):
@@ -136,21 +164,44 @@ class SparseConfig:
     def enabled(self) -> bool:
         return self.method != "dense"
 
+    def uses(self, ingredient: str) -> bool:
+        """Whether one of `INGREDIENTS` is on: its switch, else the method's default."""
+        switch = getattr(self, ingredient)
+        return self.method in INGREDIENTS[ingredient] if switch is None else switch
+
     @property
     def recycles(self) -> bool:
-        return self.method in RECYCLING_METHODS
+        return self.uses("recycling")
 
     @property
     def keeps_positions(self) -> bool:
-        """v2.0 keeps the kept tokens' original position ids; the others renumber."""
-        return self.method == "v2_0"
+        """Kept tokens keep their original position ids (v2.0's default); else renumbered."""
+        return self.uses("original_positions")
+
+    @property
+    def ingredients(self) -> dict[str, bool]:
+        """{ingredient: on} for SparseVLM's methods (what the statistics record), else {}."""
+        if self.method not in INGREDIENT_METHODS:
+            return {}
+        return {k: self.uses(k) for k in INGREDIENTS}
+
+    @property
+    def switched(self) -> dict[str, bool]:
+        """The ingredients switched away from the method's own choice: {ingredient: on}."""
+        return {
+            k: on
+            for k, on in self.ingredients.items()
+            if getattr(self, k) is not None and on != (self.method in INGREDIENTS[k])
+        }
 
     @property
     def name(self) -> str:
-        """e.g. "v1@192", "fastv@64", "dense"."""
+        """e.g. "v1@192", "fastv@64", "dense"; switched ingredients follow as "+gravity" (on)
+        or "-recycling" (off), e.g. "v2_0@64-top_heads"."""
         if not self.enabled:
             return "dense"
-        return f"{self.method}@{self.budget_name}" if self.budget_name else self.method
+        name = f"{self.method}@{self.budget_name}" if self.budget_name else self.method
+        return name + "".join(("+" if on else "-") + k for k, on in self.switched.items())
 
     def replace(self, **kw: Any) -> SparseConfig:
         return dataclasses.replace(self, **kw)

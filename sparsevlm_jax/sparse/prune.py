@@ -266,10 +266,12 @@ class Pruner:
             )
             recycled, rec_mask, n_rec = rec.recycled, rec.recycled_mask, rec.n_recycled
             rec_overflow = num_clusters(rec.n_candidates) - rec.n_recycled
+            centres = rec.centre_slots
         else:
             b, d = state.x.shape[0], state.x.shape[-1]
             recycled, rec_mask = jnp.zeros((b, 0, d)), jnp.zeros((b, 0), bool)
             n_rec = rec_overflow = jnp.zeros((b,), jnp.int32)
+            centres = jnp.zeros((b, 0), jnp.int32)
 
         x_vis = jnp.take_along_axis(state.x[:, vis], kept_idx[:, :, None], axis=1)
         x_vis = jnp.concatenate([x_vis, recycled.astype(state.x.dtype)], axis=1)
@@ -278,8 +280,12 @@ class Pruner:
         x = jnp.concatenate([state.x[:, :p], x_vis, state.x[:, vis.stop :]], axis=1)
         valid = jnp.concatenate([state.valid[:, :p], vis_valid, state.valid[:, vis.stop :]], 1)
         if self.sparse.keeps_positions:  # v2.0: kept tokens keep their position ids
-            pos_vis = jnp.take_along_axis(state.positions[:, vis], kept_idx, axis=1)
-            pos_vis = jnp.concatenate([pos_vis, jnp.zeros_like(rec_mask, jnp.int32)], axis=1)
+            # (a recycled token, where recycling is switched on too, takes its centre's)
+            pos_vis = jnp.take_along_axis(
+                state.positions[:, vis], jnp.concatenate([kept_idx, centres], axis=1), axis=1
+            )
+            has_pos = jnp.concatenate([jnp.ones_like(kept_mask), rec_mask], axis=1)
+            pos_vis = jnp.where(has_pos, pos_vis, 0)
             positions = jnp.concatenate(
                 [state.positions[:, :p], pos_vis, state.positions[:, vis.stop :]], axis=1
             )
@@ -319,12 +325,13 @@ class Pruner:
             key = jax.random.fold_in(jax.random.PRNGKey(sp.seed), sp.layers[i])
             noise = jax.random.uniform(key, vis_mask.shape[1:])
             return jnp.where(vis_mask, noise[None], -jnp.inf), no_rank
-        if sp.method == "v2_0":
+        if sp.uses("gravity"):
             text_pos = jnp.take_along_axis(state.positions, row_slots(state), axis=1)
             gravity = rope_gravity(self.cfg.text, text_pos, state.positions[:, state.vis_slice])
-            heads = per_head.shape[1]
-            n_sel = v2_num_heads(heads, sp.v2_heads)
-            relation = top_heads_mean(per_head / gravity[:, None], carry.raters, vis_mask, n_sel)
+            per_head = per_head / gravity[:, None]
+        if sp.uses("top_heads"):
+            n_sel = v2_num_heads(per_head.shape[1], sp.v2_heads)
+            relation = top_heads_mean(per_head, carry.raters, vis_mask, n_sel)
         else:
             relation = jnp.mean(per_head, axis=1)  # R [B, T, Vcap]
         # Under a mesh the head reduction ends here: rank, selection and recycling work on

@@ -216,8 +216,20 @@ def make_packed(
     )
 
 
-def train_categories(n: int, rng: np.random.Generator) -> tuple[str, ...]:
-    """n question types for one image: each type n // 4 times, the rest drawn at random."""
+def train_categories(
+    n: int, rng: np.random.Generator, count_share: float | None = None
+) -> tuple[str, ...]:
+    """n question types for one image: each type n // 4 times, the rest drawn at random.
+
+    With `count_share`, round(n * count_share) blocks are count questions and the others are
+    split over the remaining types the same way.
+    """
+    if count_share is not None:
+        counts = ["count"] * round(n * count_share)
+        others = [c for c in st.CATEGORIES if c != "count"]
+        base = [c for c in others for _ in range((n - len(counts)) // len(others))]
+        extra = [others[int(i)] for i in rng.integers(0, len(others), n - len(counts) - len(base))]
+        return tuple(counts + base + extra)
     base = [c for c in st.CATEGORIES for _ in range(n // len(st.CATEGORIES))]
     extra = [st.CATEGORIES[int(i)] for i in rng.integers(0, 4, n - len(base))]
     return tuple(base + extra)
@@ -226,7 +238,7 @@ def train_categories(n: int, rng: np.random.Generator) -> tuple[str, ...]:
 def train_batch(processor: Processor, cfg: LlavaConfig, tc: TrainConfig, step: int) -> Packed:
     """The training batch of `step` (a pure function of seed and step, so resume is exact)."""
     rng = np.random.default_rng((tc.seed, step))
-    cats = train_categories(tc.questions_per_image, rng)
+    cats = train_categories(tc.questions_per_image, rng, tc.count_share)
     start = (step * tc.images_per_batch + tc.seed * 10_000_019) % (2**31 - 1)
     return make_packed(
         processor, "train", list(range(start, start + tc.images_per_batch)), cats, cfg

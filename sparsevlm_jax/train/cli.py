@@ -35,6 +35,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-every", type=int, default=TrainConfig.eval_every)
     ap.add_argument("--val-images", type=int, default=TrainConfig.val_images)
     ap.add_argument("--seed", type=int, default=TrainConfig.seed)
+    ap.add_argument(
+        "--init-from",
+        default=None,
+        help="fine-tune: start from this model (our checkpoint format, e.g. the bundled "
+        "sparsevlm_jax/demo_model) instead of a random init",
+    )
+    ap.add_argument(
+        "--count-share",
+        type=float,
+        default=None,
+        help="fraction of each image's questions that are count questions (default: a quarter)",
+    )
     ap.add_argument("--log-dir", default="benchmarks/train_logs")
     ap.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this")
     ap.add_argument("--no-progress", action="store_true")
@@ -53,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         save_every=args.save_every,
         eval_every=args.eval_every,
         val_images=args.val_images,
+        init_from=args.init_from,
+        count_share=args.count_share,
     )
     last = train(args.out, tc, args.resume, args.log_dir, not args.no_progress, args.max_minutes)
     print(json.dumps(last))

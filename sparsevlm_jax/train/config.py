@@ -32,6 +32,11 @@ class TrainConfig:
     save_every: int = 50
     eval_every: int = 50
     val_images: int = 128
+    # Fine-tuning: start from a model in our checkpoint format (auxiliary heads and optimizer
+    # fresh) instead of a random init; `count_share` of each image's question blocks are count
+    # questions (None: every type equally often).
+    init_from: str | None = None
+    count_share: float | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:

@@ -43,13 +43,24 @@ def export_model(
     return save(dest, host, cfg, extra_files=tokenizer_files, overwrite=True)
 
 
+def init_from(path: str | Path, cfg: LlavaConfig) -> Params:
+    """The float32 params of a model in our checkpoint format, checked against `cfg`."""
+    from sparsevlm_jax.checkpoint import load
+
+    params, saved = load(path, dtype="float32")
+    if saved.replace(param_dtype=cfg.param_dtype, dtype=cfg.dtype) != cfg:
+        raise ValueError(f"{path}: its model config differs from the preset being trained")
+    return params
+
+
 def restore_or_init(
     mgr: Any, cfg: LlavaConfig, tc: TrainConfig, opt: optax.GradientTransformation, resume: bool
 ) -> tuple[dict[str, Any], int]:
-    """(state, first step): the latest checkpoint with `resume`, else a fresh init."""
+    """(state, first step): the latest checkpoint with `resume`, else a fresh init (whose
+    params come from `tc.init_from` when set)."""
     import orbax.checkpoint as ocp
 
-    params = init_params(cfg, seed=tc.seed)
+    params = init_from(tc.init_from, cfg) if tc.init_from else init_params(cfg, seed=tc.seed)
     aux = init_aux(cfg, tc.seed)
     state = {"params": params, "aux": aux, "opt_state": opt.init({"params": params, "aux": aux})}
     latest = mgr.latest_step() if resume else None
