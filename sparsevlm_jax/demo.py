@@ -280,7 +280,25 @@ def run_demo(
 # ----------------------------------------------------------------------------------------------
 # The bundled model: real answers, dense and pruned side by side
 
-DEMO_METHODS = (("v1", 64), ("v1_5", 64), ("fastv", 64), ("random", 64))
+DEMO_METHODS = (("v2_0", 64), ("v1_5", 64), ("v1", 64), ("fastv", 64), ("random", 64))
+# Column headings: (what the method is, its version) per SparseConfig.method.
+METHOD_HEADINGS = {
+    "dense": ("dense", ""),
+    "v2_0": ("SparseVLM+", "v2.0"),
+    "v1_5": ("SparseVLM", "v1.5"),
+    "v1": ("SparseVLM", "v1"),
+    "fastv": ("FastV", ""),
+    "random": ("random", ""),
+}
+
+
+def column_heading(sparse: SparseConfig, visual_tokens: float) -> tuple[str, str, str]:
+    """Three heading lines for a method's column: what it is, version and named budget, and
+    the visual tokens it kept (mean over decoder layers), e.g. ("SparseVLM+", "v2.0 @64",
+    "16 tokens")."""
+    what, version = METHOD_HEADINGS[sparse.method]
+    budget = f"@{sparse.budget_name}" if sparse.budget_name else ""
+    return what, " ".join(x for x in (version, budget) if x), f"{visual_tokens:.0f} tokens"
 
 
 def sparse_defaults(model: str | Path, method: str, budget: int, cfg: LlavaConfig) -> SparseConfig:
@@ -356,13 +374,16 @@ def run_model_demo(
             ),
         }
     names = list(configs)
-    width = max(len(q.text) for q in questions)
+    width, col = max(len(q.text) for q in questions), 12
+    headings = [column_heading(configs[n], summary[n]["visual_tokens"]) for n in names]
     echo("")
-    echo(f"{'question':<{width}}  {'gold':<7}" + "".join(f"{n:>12}" for n in names))
+    for line in range(3):
+        first = ("question", "gold") if line == 0 else ("", "")
+        echo(f"{first[0]:<{width}}  {first[1]:<7}" + "".join(f"{h[line]:>{col}}" for h in headings))
     for i, q in enumerate(questions):
         echo(
             f"{q.text:<{width}}  {q.answer:<7}"
-            + "".join(f"{answers[n][i].text.strip():>12}" for n in names)
+            + "".join(f"{answers[n][i].text.strip():>{col}}" for n in names)
         )
     echo("")
     echo(f"{'method':<12}{'correct':>9}{'visual tokens':>15}{'prefill FLOPs':>15}{'KV cache':>10}")

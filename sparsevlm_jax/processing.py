@@ -53,7 +53,6 @@ LLAVA_IMAGE_TOKEN_INDEX = -200  # original LLaVA's IMAGE_TOKEN_INDEX (llava/cons
 ImageLike = Image.Image | str | os.PathLike
 
 
-
 # ----------------------------------------------------------------------------------------------
 # Prompts
 

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from sparsevlm_jax import bench
-from sparsevlm_jax.sparse.config import named_presets
+from sparsevlm_jax.sparse.config import named_presets, named_sparse_config
 
 
 @pytest.fixture(scope="module")
@@ -136,11 +136,70 @@ def test_wilson_interval():
 def test_accuracy_methods_option():
     from sparsevlm_jax.bench.accuracy import parse_methods
 
-    assert parse_methods("") == named_presets()
-    assert parse_methods("v1") == [p for p in named_presets() if p[0] == "v1"]
-    assert parse_methods("fastv@64,v1_5-96,dense") == [("fastv", 64), ("v1_5", 96)]
+    def pairs(spec):
+        return [(p.method, p.budget) for p in parse_methods(spec) if not p.switches]
+
+    assert pairs("") == named_presets()
+    assert pairs("v1") == [p for p in named_presets() if p[0] == "v1"]
+    assert pairs("fastv@64,v1_5-96,dense") == [("fastv", 64), ("v1_5", 96)]
     with pytest.raises(ValueError, match="named presets"):
         parse_methods("v1@96")
+
+
+def test_accuracy_methods_take_switched_ingredients():
+    from sparsevlm_jax.bench.accuracy.methods import Preset, ablation_presets, parse_methods
+
+    assert parse_methods("v2_0@64-gravity,v1_5-192+top_heads+gravity") == [
+        Preset("v2_0", 64, (("gravity", False),)),
+        Preset("v1_5", 192, (("top_heads", True), ("gravity", True))),
+    ]
+    with pytest.raises(ValueError, match="unknown ingredient 'heads'"):
+        parse_methods("v2_0@64-heads")
+    presets = ablation_presets()
+    assert len(presets) == 16 and len(set(presets)) == 16
+    # Every variant toggles one ingredient away from its method's own choice.
+    for p in presets:
+        sparse = named_sparse_config(p.method, p.budget, 8, 256, **dict(p.switches))
+        assert len(sparse.switched) == 1, sparse.name
+
+
+def test_ablation_table_pairs_each_variant_with_its_base():
+    from sparsevlm_jax.bench.accuracy.ablation import (
+        figure_ablation,
+        markdown_ablation,
+        paired_difference,
+    )
+
+    # 10 questions: the base answers 8, the variant loses two of them and gains none.
+    base_bits, variant_bits = "1111111100", "1111110000"
+    mean, lo, hi = paired_difference(variant_bits, base_bits)
+    assert mean == pytest.approx(-0.2) and lo < -0.2 < hi and hi - lo < 0.7
+
+    def result(method, family, switched, bits):
+        n, k = len(bits), bits.count("1")
+        return {
+            "method": method, "family": family, "budget": 64, "switched": switched,
+            "accuracy": k / n, "ci": [0.0, 1.0], "correct_bits": bits,
+            "equivalent_tokens": 16.0,
+        }  # fmt: skip
+
+    report = {
+        "num_image_tokens": 256,
+        "num_questions": 10,
+        "results": [
+            result("dense", "dense", {}, "1111111110"),
+            result("v2_0@64", "v2_0", {}, base_bits),
+            result("v2_0@64-gravity", "v2_0", {"gravity": False}, variant_bits),
+        ],
+    }
+    lines = markdown_ablation(report)
+    rows = [x for x in lines if x.startswith("| 64 |")]
+    assert len(rows) == 2
+    assert "as published" in rows[0] and rows[0].endswith("| 80.0 [0.0, 100.0] | — | 16.0 |")
+    assert "without RoPE-gravity correction" in rows[1] and "| -20.0 [" in rows[1]
+    assert len(figure_ablation(report).panels) == 1
+    report["results"] = report["results"][:2]  # no switched variant: no ablation
+    assert markdown_ablation(report) == [] and figure_ablation(report) is None
 
 
 class _FakePipe:

@@ -77,11 +77,13 @@ def test_demo_model_answers_fixed_questions_dense() -> None:
 
 def test_accuracy_benchmark_writes_table_plot_and_json(tmp_path) -> None:
     from sparsevlm_jax.bench import accuracy
+    from sparsevlm_jax.bench.accuracy.methods import Preset
 
-    report = accuracy.run(
-        st.demo_model_path(), 1, tmp_path, "test", presets=[("v1_5", 64)], show=False
-    )
-    dense, v15 = report["results"]
+    no_recycling = Preset("v1_5", 64, (("recycling", False),))
+    presets = [("v1_5", 64), no_recycling]
+    report = accuracy.run(st.demo_model_path(), 1, tmp_path, "test", presets=presets, show=False)
+    dense, v15, ablated = report["results"]
+    assert ablated["method"] == "v1_5@64-recycling" and ablated["switched"] == {"recycling": False}
     assert (dense["method"], v15["method"]) == ("dense", "v1_5@64")
     assert v15["equivalent_tokens"] < dense["equivalent_tokens"] == 256
     assert 0 < v15["flops_reduction"] < 1 and dense["flops_reduction"] == 0
@@ -97,4 +99,30 @@ def test_accuracy_benchmark_writes_table_plot_and_json(tmp_path) -> None:
     assert (tmp_path / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
     md = (tmp_path / "accuracy.md").read_text()
     assert "| v1_5@64 |" in md and "At equal kept counts" in md
+    assert "v1_5@64-recycling" not in md  # the ablation's variants have their own table
+    ablation = (tmp_path / "ablation.md").read_text()
+    assert "| `v1_5@64-recycling` |" in ablation and "v1.5 without recycling" in ablation
+    assert (tmp_path / "ablation.png").read_bytes()[:4] == b"\x89PNG"
     assert not (tmp_path / accuracy.PROGRESS_FILE).exists()  # removed once outputs exist
+
+
+def test_demo_shows_sparsevlm_plus_and_no_torch_advice(tmp_path) -> None:
+    """`sparsevlm demo` as a torch-less install runs it (torch made unimportable): every
+    column headed by what it is, SparseVLM+ among them, and no "PyTorch was not found"."""
+    import os
+    import subprocess
+
+    (tmp_path / "sitecustomize.py").write_text('import sys\nsys.modules["torch"] = None\n')
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    out = subprocess.run(
+        ["sparsevlm", "demo", "--num-images", "1"], capture_output=True, text=True, env=env
+    )
+    assert out.returncode == 0, out.stderr
+    assert "PyTorch was not found" not in out.stdout + out.stderr
+    lines = out.stdout.splitlines()
+    top = next(i for i, line in enumerate(lines) if line.startswith("question"))
+    names, versions, kept = (lines[top + k].split() for k in range(3))
+    assert names[2:] == ["dense", "SparseVLM+", "SparseVLM", "SparseVLM", "FastV", "random"]
+    assert " ".join(versions) == "v2.0 @64 v1.5 @64 v1 @64 @64 @64"
+    assert kept[:2] == ["256", "tokens"] and len(kept) == 12
+    assert any(line.startswith("v2_0@64") for line in lines)  # the summary table

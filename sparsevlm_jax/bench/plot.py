@@ -46,6 +46,7 @@ class Series:
     markers: draw the points (False for long curves).
     alpha, width: line opacity and width.
     dodge: drawn x offset (data units), so interval bars of series at equal x stay apart.
+    line: join the points (False: markers only, for points that are not a curve).
     """
 
     name: str
@@ -58,6 +59,7 @@ class Series:
     alpha: float = 1.0
     width: float = 1.6
     dodge: float = 0.0
+    line: bool = True
 
 
 @dataclass
@@ -237,7 +239,7 @@ def _draw_series(ax: Any, s: Series) -> None:
     color = color_of(s.color)
     style = dict(
         color=color,
-        ls="--" if s.dashed else "-",
+        ls=("--" if s.dashed else "-") if s.line else "none",
         marker=("s" if s.dashed else "o") if s.markers else None,
         ms=4.5,
         lw=s.width,

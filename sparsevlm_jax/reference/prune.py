@@ -122,9 +122,7 @@ def prune_step(
     if params.keeps_positions:  # v2.0: kept tokens keep their position ids
         # (recycling switched on too: a recycled token takes its centre's)
         centre_pos = positions[vis_idx[[candidates[j] for j in centres]]] if c else positions[:0]
-        new_pos = torch.cat(
-            [positions[:p], positions[region], centre_pos, positions[text_start:]]
-        )
+        new_pos = torch.cat([positions[:p], positions[region], centre_pos, positions[text_start:]])
     else:
         new_pos = torch.arange(new_h.shape[1], device=positions.device)
     visual = set(int(i) for i in vis_idx)

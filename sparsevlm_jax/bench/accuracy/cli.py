@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from sparsevlm_jax.bench.accuracy.evaluate import run
-from sparsevlm_jax.bench.accuracy.methods import parse_methods
+from sparsevlm_jax.bench.accuracy.methods import ablation_presets, parse_methods
 from sparsevlm_jax.bench.accuracy.report import markdown
 
 
@@ -31,12 +31,20 @@ def main(argv: list[str] | None = None) -> int:
         help="output directory",
     )
     p.add_argument("--methods", default="", help='e.g. "v1,fastv@64" (default: every preset)')
+    p.add_argument(
+        "--ablation",
+        action="store_true",
+        help="also measure SparseVLM+ with each of its four ingredients undone and v1.5 with "
+        "each done, at 192 and 64 (writes ablation.md / ablation.png too)",
+    )
     p.add_argument("--batch-size", type=int, default=16, help="questions per generate call")
     p.add_argument("--fresh", action="store_true", help="ignore answers saved by an earlier run")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     try:
         presets = parse_methods(args.methods)
+        if args.ablation:
+            presets += [q for q in ablation_presets() if q not in presets]
     except ValueError as e:
         p.error(str(e))
     prepare_environment()

@@ -10,10 +10,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from sparsevlm_jax.bench.accuracy.ablation import figure_ablation, markdown_ablation
 from sparsevlm_jax.bench.accuracy.methods import config_json, method_configs
 from sparsevlm_jax.bench.accuracy.progress import PROGRESS_FILE, Progress, model_digest
 from sparsevlm_jax.bench.accuracy.questions import Item, answer_prior, question_items
 from sparsevlm_jax.bench.accuracy.report import figure, markdown
+from sparsevlm_jax.bench.accuracy.report import header as report_header
 from sparsevlm_jax.bench.accuracy.stats import Z95, proportion
 from sparsevlm_jax.bench.plot import write_png_or_say
 from sparsevlm_jax.bench.report import write_atomic
@@ -116,6 +118,7 @@ def summarize(
             round(budget * num_image_tokens / REFERENCE_IMAGE_TOKENS) if budget else None
         ),
         "config": config_json(sparse),
+        "switched": sparse.switched,
         **proportion(sum(r["ok"] for r in rows), len(rows)),
         "per_type": per_type,
         "equivalent_tokens": sum(eq) / len(eq),
@@ -199,5 +202,11 @@ def run(
     write_atomic(out / "accuracy.json", json.dumps(report, indent=1) + "\n")
     write_atomic(out / "accuracy.md", markdown(report))
     write_png_or_say(out / "accuracy.png", figure(report), write_atomic)
+    ablation = markdown_ablation(report)
+    if ablation:
+        title = "SparseVLM+ ablation on the bundled demo model"
+        text = "\n".join([*report_header(report, title), "", *ablation[2:]]) + "\n"
+        write_atomic(out / "ablation.md", text)
+        write_png_or_say(out / "ablation.png", figure_ablation(report), write_atomic)
     progress.remove()
     return report

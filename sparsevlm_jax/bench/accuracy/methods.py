@@ -63,6 +63,20 @@ def parse_methods(spec: str) -> list[Preset]:
     return out
 
 
+ABLATION_BUDGETS = (192, 64)  # where v1.5 and v2.0 part (of 576)
+
+
+def ablation_presets(budgets: Sequence[int] = ABLATION_BUDGETS) -> list[Preset]:
+    """SparseVLM+ (v2.0) with each of its four ingredients undone and v1.5 with each done
+    (`INGREDIENTS` toggled away from the method's own choice), at each budget."""
+    return [
+        Preset(method, budget, ((name, method not in on_in),))
+        for budget in budgets
+        for method in ("v2_0", "v1_5")
+        for name, on_in in INGREDIENTS.items()
+    ]
+
+
 def method_configs(
     model: str | Path, cfg: Any, presets: Sequence[tuple[Any, ...]]
 ) -> tuple[list[SparseConfig], list[str]]:
