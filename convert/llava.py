@@ -99,10 +99,11 @@ def read_config(
     try:
         if is_original_llava(d):
             return _original_config(src, d, clip, embedded_vision)
-        if d.get("model_type") not in ("llava", "llava_next"):
+        if d.get("model_type") not in ("llava", "llava_next", "llava_next_video"):
             raise ConversionError(
                 f"{src / 'config.json'}: model_type {d.get('model_type')!r} is not supported "
-                "(expected 'llava' or 'llava_next' from llava-hf/transformers, or an original "
+                "(expected 'llava', 'llava_next' or 'llava_next_video' from llava-hf/"
+                "transformers, or an original "
                 "LLaVA-1.5 / 1.6 config)"
             )
         if clip is not None:

@@ -136,7 +136,9 @@ class TextConfig:
         )
 
 
-FAMILIES = ("llava", "llava_next")
+FAMILIES = ("llava", "llava_next", "llava_next_video")
+ANYRES_FAMILIES = ("llava_next", "llava_next_video")
+POOL_MODES = ("average", "max")
 
 
 @dataclass(frozen=True)
@@ -146,7 +148,10 @@ class LlavaConfig:
     `family`: "llava" (LLaVA-1.5: one tile, `num_image_tokens` visual tokens) or "llava_next"
     (LLaVA-1.6 "anyres": a base tile plus a grid of tiles chosen among
     `image_grid_pinpoints` ((height, width) pairs), unpadded and packed with one learned
-    `image_newline` token per row; the visual count varies with the aspect ratio).
+    `image_newline` token per row; the visual count varies with the aspect ratio), or
+    "llava_next_video" (LLaVA-NeXT-Video: images as LLaVA-NeXT; a video's frames each through
+    the tower, its patch grid pooled `spatial_pool_stride` x `spatial_pool_stride`
+    (`spatial_pool_mode`), marked by `video_token_index`).
     `image_token_index`: the id that marks the image in the token sequence (llava-hf: 32000,
     expanded to the image's visual-token count; original LLaVA: -200, a single placeholder).
     `param_dtype` is the dtype weights are stored in, `dtype` the compute dtype.
@@ -166,11 +171,28 @@ class LlavaConfig:
     unroll_layers: bool = False
     family: str = "llava"
     image_grid_pinpoints: tuple[tuple[int, int], ...] = ()
+    video_token_index: int | None = None
+    spatial_pool_stride: int = 2
+    spatial_pool_mode: str = "average"
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise ConfigError(f"unknown model family {self.family!r}; known: {FAMILIES}")
-        if self.family == "llava_next":
+        if self.takes_video:
+            if self.video_token_index is None:
+                raise ConfigError(f"a {self.family} config needs video_token_index")
+            if self.spatial_pool_mode not in POOL_MODES:
+                raise ConfigError(
+                    f"spatial_pool_mode {self.spatial_pool_mode!r} is not supported "
+                    f"(supported: {', '.join(POOL_MODES)})"
+                )
+            grid = self.vision.image_size // self.vision.patch_size
+            if self.spatial_pool_stride < 1 or grid % self.spatial_pool_stride:
+                raise ConfigError(
+                    f"spatial_pool_stride {self.spatial_pool_stride} does not divide the "
+                    f"{grid}x{grid} patch grid"
+                )
+        if self.anyres:
             if not self.image_grid_pinpoints:
                 raise ConfigError("a llava_next config needs image_grid_pinpoints")
             tile = self.vision.image_size
@@ -192,9 +214,24 @@ class LlavaConfig:
             raise ConfigError(f"unsupported projector_hidden_act {self.projector_hidden_act!r}")
 
     @property
+    def anyres(self) -> bool:
+        """Images in LLaVA-NeXT's anyres layout (variable visual counts per example)."""
+        return self.family in ANYRES_FAMILIES
+
+    @property
+    def takes_video(self) -> bool:
+        return self.family == "llava_next_video"
+
+    @property
+    def video_tokens_per_frame(self) -> int:
+        """Visual tokens of one video frame: the pooled patch grid (144 on LLaVA-NeXT-Video)."""
+        grid = self.vision.image_size // self.vision.patch_size // self.spatial_pool_stride
+        return grid * grid
+
+    @property
     def max_tiles(self) -> int:
         """Tower inputs per image: 1 (LLaVA-1.5), or the base tile + the largest grid (NeXT)."""
-        if self.family != "llava_next":
+        if not self.anyres:
             return 1
         tile = self.vision.image_size
         return 1 + max((h // tile) * (w // tile) for h, w in self.image_grid_pinpoints)
@@ -223,12 +260,13 @@ class LlavaConfig:
         layer = d.get("vision_feature_layer", -2)
         if not isinstance(layer, int):
             raise ConfigError(f"vision_feature_layer must be one int, got {layer!r}")
-        family = "llava_next" if d.get("model_type") == "llava_next" else "llava"
+        model_type = d.get("model_type")
+        family = model_type if model_type in ANYRES_FAMILIES else "llava"
         pinpoints = d.get("image_grid_pinpoints") or ()
         kw: dict[str, Any] = dict(
             family=family,
             image_grid_pinpoints=tuple(tuple(int(x) for x in p) for p in pinpoints)
-            if family == "llava_next"
+            if family in ANYRES_FAMILIES
             else (),
             vision=VisionConfig.from_hf(d.get("vision_config") or {}),
             text=TextConfig.from_hf(d.get("text_config") or {}),
@@ -238,6 +276,12 @@ class LlavaConfig:
             projector_hidden_act=d.get("projector_hidden_act", "gelu"),
             projector_bias=d.get("multimodal_projector_bias", True),
         )
+        if family == "llava_next_video":
+            kw.update(
+                video_token_index=d.get("video_token_index", d.get("video_token_id")),
+                spatial_pool_stride=int(d.get("spatial_pool_stride", 2)),
+                spatial_pool_mode=d.get("spatial_pool_mode", "average"),
+            )
         kw.update(overrides)
         return cls(**kw)
 

@@ -292,6 +292,11 @@ METHOD_HEADINGS = {
 }
 
 
+def clip_text(text: str, width: int) -> str:
+    """`text`, cut to `width` characters with a trailing "…" when longer."""
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def column_heading(sparse: SparseConfig, visual_tokens: float) -> tuple[str, str, str]:
     """Three heading lines for a method's column: what it is, version and named budget, and
     the visual tokens it kept (mean over decoder layers), e.g. ("SparseVLM+", "v2.0 @64",
@@ -383,7 +388,7 @@ def run_model_demo(
     for i, q in enumerate(questions):
         echo(
             f"{q.text:<{width}}  {q.answer:<7}"
-            + "".join(f"{answers[n][i].text.strip():>{col}}" for n in names)
+            + "".join(f"{clip_text(answers[n][i].text.strip(), col - 1):>{col}}" for n in names)
         )
     echo("")
     echo(f"{'method':<12}{'correct':>9}{'visual tokens':>15}{'prefill FLOPs':>15}{'KV cache':>10}")

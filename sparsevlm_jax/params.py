@@ -101,7 +101,7 @@ def param_shapes(cfg: LlavaConfig) -> Params:
     if not t.tie_word_embeddings:
         text["lm_head"] = (d, t.vocab_size)
     out = {"vision": vision, "projector": projector, "text": text}
-    if cfg.family == "llava_next":
+    if cfg.anyres:
         out["image_newline"] = (d,)  # LLaVA-NeXT's learned end-of-row token
     return out
 

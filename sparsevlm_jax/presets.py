@@ -101,7 +101,7 @@ def abstract_batch(
     question). `visual`: the visual slots of a llava_next bucket (its `visual_index` width;
     the pixels are then `max_tiles` tiles per example)."""
     s, c = cfg.vision.image_size, cfg.vision.num_channels
-    if cfg.family == "llava_next":
+    if cfg.anyres:
         if visual is None:
             raise ValueError("a llava_next batch needs its visual slot count")
         pixels = jax.ShapeDtypeStruct((batch, cfg.max_tiles, s, s, c), jnp.float32)

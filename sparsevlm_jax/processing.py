@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,8 +47,11 @@ from sparsevlm_jax.images import (  # noqa: F401 - re-exported: processing's pub
     preprocess_image,
     to_rgb,
 )
+from sparsevlm_jax.video import Video
 
 IMAGE_PLACEHOLDER = "<image>"
+VIDEO_PLACEHOLDER = "<video>"
+MARKER_RE = re.compile(r"<image>|<video>")
 LLAVA_IMAGE_TOKEN_INDEX = -200  # original LLaVA's IMAGE_TOKEN_INDEX (llava/constants.py)
 
 ImageLike = Image.Image | str | os.PathLike
@@ -71,24 +75,35 @@ class ConvTemplate:
     roles: tuple[str, str] = ("USER", "ASSISTANT")
     sep: str = " "
 
-    def prompt(self, question: str, num_images: int = 1) -> str:
-        markers = question.count(IMAGE_PLACEHOLDER)
-        q = question.replace(IMAGE_PLACEHOLDER, "").strip()
+    def prompt(
+        self, question: str, num_images: int = 1, placeholders: Sequence[str] | None = None
+    ) -> str:
+        """The prompt for `question` about `num_images` visual items, each marked by its
+        placeholder (`placeholders`, default all `<image>`; a video is `<video>`)."""
+        marks = list(placeholders) if placeholders is not None else [IMAGE_PLACEHOLDER] * num_images
+        found = MARKER_RE.findall(question)
+        q = MARKER_RE.sub("", question).strip()
         if not q:
             raise InputError("empty prompt")
         head = self.system + self.sep if self.system else ""
         user, assistant = self.roles
-        if num_images == 1 and markers <= 1:  # LLaVA moves the image to the front
-            return f"{head}{user}: {IMAGE_PLACEHOLDER}\n{q}{self.sep}{assistant}:"
-        if markers == 0:
-            images = f"{IMAGE_PLACEHOLDER}\n" * num_images
-            return f"{head}{user}: {images}{q}{self.sep}{assistant}:"
-        if markers != num_images:
-            raise InputError(
-                f"the prompt has {markers} {IMAGE_PLACEHOLDER} markers for {num_images} "
-                f"image{'s' if num_images != 1 else ''}"
-            )
+        if len(marks) == 1 and (not found or found == marks):  # LLaVA moves it to the front
+            return f"{head}{user}: {marks[0]}\n{q}{self.sep}{assistant}:"
+        if not found:
+            items = "".join(f"{m}\n" for m in marks)
+            return f"{head}{user}: {items}{q}{self.sep}{assistant}:"
+        if found != marks:
+            kinds = [(m, found.count(m)) for m in (IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER)]
+            have = " and ".join(f"{n} {m}" for m, n in kinds if n)
+            raise InputError(f"the prompt has {have} markers for {describe_items(marks)}")
         return f"{head}{user}: {question.strip()}{self.sep}{assistant}:"
+
+
+def describe_items(marks: Sequence[str]) -> str:
+    """e.g. "2 images" or "1 image and 1 video" for placeholders in order."""
+    images, videos = marks.count(IMAGE_PLACEHOLDER), marks.count(VIDEO_PLACEHOLDER)
+    parts = [f"{n} {w}{'s' if n != 1 else ''}" for n, w in ((images, "image"), (videos, "video"))]
+    return " and ".join(p for p, n in zip(parts, (images, videos), strict=True) if n) or "0 images"
 
 
 TEMPLATES: dict[str, ConvTemplate] = {
@@ -174,19 +189,26 @@ def split_prompt(
 
 
 def split_spans(
-    prompt: str, tokenizer: Any, image_token_index: int, num_images: int
+    prompt: str,
+    tokenizer: Any,
+    image_token_index: int,
+    num_images: int,
+    marker_ids: Sequence[int] | None = None,
 ) -> list[list[int]]:
-    """Token ids around each of the `num_images` images of `prompt` (see `split_prompt`):
-    [before the first, between the first and the second, ..., after the last].
+    """Token ids around each of the `num_images` visual items of `prompt` (see
+    `split_prompt`): [before the first, between the first and the second, ..., after the last].
+    `marker_ids`: the ids that mark an item (default the image token; a video family adds its
+    video token).
 
     Raises:
-      InputError: the prompt does not hold exactly `num_images` images, or text is empty.
+      InputError: the prompt does not hold exactly `num_images` items, or text is empty.
     """
     if image_token_index < 0:
         ids = tokenizer_image_token(prompt, tokenizer, image_token_index)
     else:
         ids = list(tokenizer(prompt).input_ids)
-    where = [i for i, t in enumerate(ids) if t == image_token_index]
+    markers = set(marker_ids) if marker_ids is not None else {image_token_index}
+    where = [i for i, t in enumerate(ids) if t in markers]
     if len(where) != num_images:
         raise InputError(
             f"the prompt holds {len(where)} {IMAGE_PLACEHOLDER} for {num_images} image(s)"
@@ -231,6 +253,8 @@ class Processor:
         buckets: Buckets | None = None,
         anyres: AnyresSpec | None = None,
         max_tiles: int = 1,
+        video_token_index: int | None = None,
+        video_pool_stride: int = 2,
     ) -> None:
         self.tokenizer = tokenizer
         self.anyres = anyres  # LLaVA-NeXT: tiles + packed visual index (`sparsevlm_jax.anyres`)
@@ -245,6 +269,16 @@ class Processor:
             raise InputError(f"image mode must be 'pad' or 'crop', got {image_mode!r}")
         self.image_mode: ImageMode = image_mode
         self.buckets = buckets if buckets is not None else Buckets()
+        # LLaVA-NeXT-Video: "<video>"'s id, and the pooling of a frame's patch grid
+        self.video_token_index = video_token_index
+        self.video_pool_stride = int(video_pool_stride)
+        if video_token_index is not None:
+            tid = tokenizer.convert_tokens_to_ids(VIDEO_PLACEHOLDER)
+            if tid != video_token_index:
+                raise InputError(
+                    f"the tokenizer's {VIDEO_PLACEHOLDER} token has id {tid}, but the model's "
+                    f"video_token_index is {video_token_index}"
+                )
         if self.image_token_index >= 0:
             tid = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
             if tid != self.image_token_index:
@@ -287,9 +321,12 @@ class Processor:
         if pre.get("image_std") is not None:
             kw["image_std"] = tuple(pre["image_std"])
         aspect = _read_json(d / "config.json").get("image_aspect_ratio")
-        if config.family == "llava_next":
+        if config.anyres:
             kw["anyres"] = _anyres_spec(d, config, pre, kw)
             kw["max_tiles"] = config.max_tiles
+        if config.takes_video:
+            kw["video_token_index"] = config.video_token_index
+            kw["video_pool_stride"] = config.spatial_pool_stride
         elif aspect not in (None, "pad"):
             kw["image_mode"] = "crop"
         kw.update(overrides)
@@ -308,13 +345,22 @@ class Processor:
         """(prefix_ids, text_ids) around the image for one question."""
         return split_prompt(self.prompt(question), self.tokenizer, self.image_token_index)
 
-    def encode_spans(self, question: str, num_images: int) -> list[list[int]]:
-        """[prefix_ids, text between images 1 and 2, ..., text_ids] for a prompt about
-        `num_images` images (`num_images + 1` lists)."""
+    def encode_spans(
+        self, question: str, num_images: int, placeholders: Sequence[str] | None = None
+    ) -> list[list[int]]:
+        """[prefix_ids, text between items 1 and 2, ..., text_ids] for a prompt about
+        `num_images` visual items (`num_images + 1` lists), marked by `placeholders`
+        (default all images; `<video>` for a video)."""
         if num_images > 1 and self.anyres is None:
             raise InputError("this model takes one image per prompt (several need LLaVA-NeXT)")
-        prompt = self.template.prompt(question, num_images)
-        return split_spans(prompt, self.tokenizer, self.image_token_index, num_images)
+        if placeholders is not None and VIDEO_PLACEHOLDER in placeholders:
+            if self.video_token_index is None:
+                raise InputError("this model takes no video (LLaVA-NeXT-Video does)")
+        prompt = self.template.prompt(question, num_images, placeholders)
+        markers = [self.image_token_index]
+        if self.video_token_index is not None:
+            markers.append(self.video_token_index)
+        return split_spans(prompt, self.tokenizer, self.image_token_index, num_images, markers)
 
     def pixel_values(self, images: Sequence[ImageLike]) -> np.ndarray:
         """Images (PIL or paths) -> [n, image_size, image_size, 3] float32, or with anyres
@@ -367,7 +413,7 @@ class Processor:
                 f"need the same non-zero number of images and questions, "
                 f"got {len(images)} and {len(questions)}"
             )
-        if any(isinstance(im, list | tuple) for im in images):
+        if any(isinstance(im, list | tuple | Video) for im in images):
             return self._several_images(images, questions)
         encoded = [self.encode(q) for q in questions]
         pixels, index = self.visual_inputs(images)
@@ -378,33 +424,65 @@ class Processor:
         except BucketError as e:
             raise InputError(str(e)) from None
 
+    def frame_pixels(self, video: Video) -> np.ndarray:
+        """A video's frames -> [frames, image_size, image_size, 3] float32: each resized
+        (shortest edge) and centre-cropped to the tower's size, then normalised, as
+        LLaVA-NeXT-Video's video processor does."""
+        return np.stack(
+            [
+                preprocess_image(f, self.image_size, self.image_mean, self.image_std, "crop")
+                for f in video.frames
+            ]
+        )
+
     def _several_images(
-        self, images: Sequence[ImageLike | Sequence[ImageLike]], questions: Sequence[str]
+        self,
+        images: Sequence[ImageLike | Video | Sequence[ImageLike | Video]],
+        questions: Sequence[str],
     ) -> tuple[Batch, int]:
-        """Examples with any number of images each: visual spans with the text between them
-        kept in place (`sparsevlm_jax.batch`, "several visual spans")."""
+        """Examples with any number of visual items each (images, videos): visual spans with
+        the text between them kept in place (`sparsevlm_jax.batch`, "several visual spans").
+
+        An image takes `max_tiles` tower inputs (its anyres tiles), a video one per frame; the
+        example's feature table lists every input's patches, then (video families) every
+        input's pooled grid, which a video's slots point at (`model.llava_next`)."""
         if self.anyres is None:
             raise InputError("this model takes one image per prompt (several need LLaVA-NeXT)")
         per = [list(im) if isinstance(im, list | tuple) else [im] for im in images]
-        if any(not ims for ims in per):
+        if any(not items for items in per):
             raise InputError("an example without an image")
-        tile_cap = max(map(len, per)) * self.max_tiles
+        items = [
+            [it if isinstance(it, Image.Image | Video) else load_image(it) for it in row]
+            for row in per
+        ]
+        sizes = [[len(it.frames) if isinstance(it, Video) else self.max_tiles for it in row]
+                 for row in items]  # fmt: skip
+        tile_cap = max(sum(row) for row in sizes)
         feats = self.anyres.patches_per_side**2  # table rows per tile ("default" strategy)
+        pooled = (self.anyres.patches_per_side // self.video_pool_stride) ** 2
         s = self.image_size
         pixels = np.zeros((len(per), tile_cap, s, s, 3), np.float32)
         prefixes, texts, index, ids = [], [], [], []
-        for i, (ims, q) in enumerate(zip(per, questions, strict=True)):
-            spans = self.encode_spans(q, len(ims))
+        for i, (row, q) in enumerate(zip(items, questions, strict=True)):
+            marks = [
+                VIDEO_PLACEHOLDER if isinstance(it, Video) else IMAGE_PLACEHOLDER for it in row
+            ]
+            spans = self.encode_spans(q, len(row), marks)
             prefixes.append(spans[0])
             texts.append(spans[-1])
-            region, region_ids = [], []
-            for j, im in enumerate(ims):
-                img = im if isinstance(im, Image.Image) else load_image(im)
-                tiles, idx = self._tiles(img, j * self.max_tiles * feats)
-                pixels[i, j * self.max_tiles : j * self.max_tiles + len(tiles)] = tiles
-                between = spans[j + 1] if j + 1 < len(ims) else []
+            region, region_ids, start = [], [], 0
+            for j, (it, size) in enumerate(zip(row, sizes[i], strict=True)):
+                if isinstance(it, Video):
+                    tiles = self.frame_pixels(it)
+                    # frame t's pooled grid: rows tile_cap*F + (start+t)*P + p of the table
+                    idx = tile_cap * feats + start * pooled + np.arange(len(tiles) * pooled)
+                else:
+                    tiles, idx = self._tiles(it, start * feats)
+                pixels[i, start : start + len(tiles)] = tiles
+                between = spans[j + 1] if j + 1 < len(row) else []
                 region += [*idx.tolist(), *([TEXT_SLOT] * len(between))]
                 region_ids += [-1] * len(idx) + list(between)
+                start += size
             index.append(np.asarray(region, np.int32))
             ids.append(np.asarray(region_ids, np.int32))
         try:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 IMAGE_TOKEN = 500  # the tiny expand-style tokenizer's <image> id
+VIDEO_TOKEN = 502  # <video>, added after <image> and <pad> for video models
 VOCAB = 512
 
 
@@ -157,10 +158,13 @@ def tiny_llava_next(
     qk_std: float | None = None,
     embed_std: float | None = None,
     projector_std: float | None = None,
+    video: bool = False,
 ):
     """A tiny random `LlavaNextForConditionalGeneration` in float32, eval mode (tile 56 px,
     patch 14, `NEXT_PINPOINTS`); `decoder` "mistral" gives a Mistral text model with a
-    sliding window of 256 tokens. qk_std / embed_std / projector_std as in `tiny_llava`."""
+    sliding window of 256 tokens. qk_std / embed_std / projector_std as in `tiny_llava`.
+    `video`: a `LlavaNextVideoForConditionalGeneration` instead (`<video>` = `VIDEO_TOKEN`,
+    2x2 average pooling: 4 tokens a frame)."""
     import torch
     import transformers
 
@@ -177,12 +181,14 @@ def tiny_llava_next(
         text = transformers.MistralConfig(sliding_window=256, **common)
     else:
         text = transformers.LlamaConfig(**common)
-    cfg = transformers.LlavaNextConfig(
+    kind = "LlavaNextVideo" if video else "LlavaNext"
+    extra = {"video_token_index": VIDEO_TOKEN} if video else {}
+    cfg = getattr(transformers, f"{kind}Config")(
         vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN,
-        image_grid_pinpoints=NEXT_PINPOINTS,
+        image_grid_pinpoints=NEXT_PINPOINTS, **extra,
     )  # fmt: skip
     torch.manual_seed(seed)
-    model = transformers.LlavaNextForConditionalGeneration(cfg).eval()
+    model = getattr(transformers, f"{kind}ForConditionalGeneration")(cfg).eval()
     gen = torch.Generator().manual_seed(seed + 3)
     with torch.no_grad():  # a visible newline token (init is zeros-ish otherwise)
         model.model.image_newline.copy_(torch.randn(model.model.image_newline.shape, generator=gen))
@@ -205,4 +211,16 @@ def save_tiny_llava_next(model, out_dir: str | Path) -> Path:
     """`save_tiny_llava` plus the image processor's preprocessor_config.json."""
     out = save_tiny_llava(model, out_dir)
     next_image_processor().save_pretrained(out)
+    return out
+
+
+def save_tiny_llava_next_video(model, out_dir: str | Path) -> Path:
+    """`save_tiny_llava_next` with `<video>` (id `VIDEO_TOKEN`) added to the tokenizer."""
+    from transformers import AddedToken, AutoTokenizer
+
+    out = save_tiny_llava_next(model, out_dir)
+    tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    tok.add_tokens([AddedToken("<video>", special=True, normalized=False)], special_tokens=True)
+    tok.save_pretrained(out)
+    assert tok.convert_tokens_to_ids("<video>") == VIDEO_TOKEN
     return out

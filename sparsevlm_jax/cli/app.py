@@ -151,11 +151,26 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(g)
     g.add_argument(
         "--image",
-        required=True,
         metavar="PATH",
         action="append",
         help="image file; repeat it for several images in one prompt (LLaVA-NeXT): the "
         "prompt's <image> markers place them, one each, else they all go first",
+    )
+    g.add_argument(
+        "--video",
+        metavar="PATH",
+        action="append",
+        help="video file (mp4, webm, avi, mkv; decoded with PyAV) or folder of frame images "
+        "(sorted by name), for video models (LLaVA-NeXT-Video); its <video> marker places it, "
+        "else it goes first. Visual items are the --image's, then the --video's",
+    )
+    g.add_argument(
+        "--frames",
+        type=int,
+        default=8,
+        metavar="N",
+        help="frames sampled uniformly over the whole clip: frame k*total//N, k < N, "
+        "transformers' rule (%(default)s)",
     )
     g.add_argument("--prompt", required=True, metavar="TEXT", help="the question")
     add_sparse_args(g)
@@ -169,6 +184,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--questions", required=True, metavar="Q.jsonl", help="LLaVA question file")
     e.add_argument("--image-folder", required=True, metavar="DIR", help="images are under DIR")
     e.add_argument("--answers", required=True, metavar="OUT.jsonl", help="answers file")
+    e.add_argument(
+        "--frames",
+        type=int,
+        default=8,
+        metavar="N",
+        help="frames sampled from a line's \"video\" (a file or a folder of frames under "
+        "--image-folder), unless the line gives its own \"frames\" (%(default)s)",
+    )
     e.add_argument("--batch-size", type=int, default=1, metavar="B", help="(%(default)s)")
     e.add_argument("--limit", type=int, metavar="N", help="answer only the first N questions")
     e.add_argument("--model-id", metavar="NAME", help="model_id field (default: model dir name)")

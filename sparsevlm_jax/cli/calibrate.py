@@ -53,13 +53,14 @@ def v1_configs(
 def make_batches(pipe: Any, questions: Sequence[Any], folder: str, size: int) -> list[tuple]:
     """(batch, real rows) pairs of `size` questions; a short last one repeats its last row so
     every batch reuses one compiled program."""
-    from sparsevlm_jax.eval import image_path
+    from sparsevlm_jax.eval.questions import DEFAULT_FRAMES, visual_input
 
     out = []
     for lo in range(0, len(questions), size):
         chunk = list(questions[lo : lo + size])
         padded = chunk + [chunk[-1]] * (size - len(chunk))
-        batch, _ = pipe.processor([image_path(q, folder) for q in padded], [q.text for q in padded])
+        items = [visual_input(q, folder, DEFAULT_FRAMES) for q in padded]
+        batch, _ = pipe.processor(items, [q.text for q in padded])
         out.append((batch, len(chunk)))
     return out
 
@@ -83,7 +84,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     questions = ev.read_questions(args.questions)[: args.examples]
     ev.check_images(questions, args.image_folder)
     cfg = model_config(path, args.clip)
-    variable = cfg.family == "llava_next"
+    variable = cfg.anyres
     configs = v1_configs(args, cfg.text.num_hidden_layers, cfg.num_image_tokens, variable)
     processor = make_processor(args, path, cfg)
     size = min(args.batch_size, len(questions))

@@ -7,6 +7,7 @@ sparsity, prompts (and for eval the questions, images and answers file).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -36,9 +37,25 @@ def prepare(args: argparse.Namespace) -> tuple[Path, LlavaConfig, SparseConfig, 
     cfg = model_config(path, args.clip)
     sparse = sparse_from_args(args, cfg, path)
     processor = make_processor(args, path, cfg)
-    images = args.image if isinstance(args.image, list) else [args.image]
-    check_prompt(processor, args.prompt, len(images))
+    check_prompt(processor, args.prompt, placeholders=visual_placeholders(args))
     return path, cfg, sparse, processor
+
+
+def image_paths(args: argparse.Namespace) -> list[str]:
+    return args.image if isinstance(args.image, list) else [args.image] if args.image else []
+
+
+def visual_placeholders(args: argparse.Namespace) -> list[str]:
+    """The prompt's markers for the command's visual items: the images', then the videos'."""
+    from sparsevlm_jax.processing import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
+
+    videos = getattr(args, "video", None) or []
+    if getattr(args, "frames", 1) < 1:
+        raise InputError(f"--frames must be >= 1, got {args.frames}")
+    marks = [IMAGE_PLACEHOLDER] * len(image_paths(args)) + [VIDEO_PLACEHOLDER] * len(videos)
+    if not marks:
+        raise InputError("give an --image or a --video")
+    return marks
 
 
 def run_one(
@@ -61,11 +78,15 @@ def run_one(
             raise InputError("visualize needs a sparse method (e.g. --sparse v1 --budget 192)")
         check_writable(picture, "picture")
         image_format(picture)
-    paths = args.image if isinstance(args.image, list) else [args.image]
-    if picture is not None and len(paths) > 1:
+    paths = image_paths(args)
+    if picture is not None and (len(paths) != 1 or getattr(args, "video", None)):
         raise InputError("visualize draws one image: give one --image")
-    images = [load_image(p) for p in paths]
-    image = images[0] if len(images) == 1 else images
+    images: list[Any] = [load_image(p) for p in paths]
+    if getattr(args, "video", None):
+        from sparsevlm_jax.video import load_video
+
+        images += [load_video(v, args.frames) for v in args.video]
+    image = images[0] if len(images) == 1 and not getattr(args, "video", None) else images
     pipe = load_pipeline(args, path, cfg)
     result = pipe.generate(
         [image],
@@ -121,7 +142,12 @@ def _eval(args: argparse.Namespace, held: Any) -> int:
     share = ev.Share(cluster.process_id, cluster.num_processes)
     ev.check_writable(args.answers)
     ev.check_writable(share.path(args.answers), "part file")
-    questions = ev.read_questions(args.questions)
+    if args.frames < 1:
+        raise InputError(f"--frames must be >= 1, got {args.frames}")
+    questions = [
+        q if q.video is None or q.frames else dataclasses.replace(q, frames=args.frames)
+        for q in ev.read_questions(args.questions)
+    ]
     ev.check_images(questions, args.image_folder)
     # One writer per file, from here to the end (before the model loads): refuse or --wait.
     claim = held.enter_context(

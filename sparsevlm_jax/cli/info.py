@@ -94,7 +94,7 @@ def image_lines(cfg: LlavaConfig, style: str) -> list[str]:
     """`info`'s family and image lines: LLaVA-1.5's one count, or LLaVA-NeXT's pinpoints,
     the range of counts over image sizes (and the sizes giving the extremes), common sizes."""
     index = f"image token index {cfg.image_token_index} ({style})"
-    if cfg.family != "llava_next":  # LLaVA-1.5: one tile, one count
+    if not cfg.anyres:  # LLaVA-1.5: one tile, one count
         return [f"image:       {cfg.num_image_tokens} visual tokens per image, {index}"]
     spec = anyres_spec(cfg)
     r = visual_range(spec)
@@ -123,7 +123,7 @@ def image_lines(cfg: LlavaConfig, style: str) -> list[str]:
 def visual_summary(cfg: LlavaConfig) -> str:
     """The visual tokens for `convert`'s summary line: "16 visual tokens", or on LLaVA-NeXT
     "llava_next (anyres), 16-88 visual tokens per image (by size)"."""
-    if cfg.family != "llava_next":
+    if not cfg.anyres:
         return f"{cfg.num_image_tokens} visual tokens"
     r = visual_range(anyres_spec(cfg))
     return f"llava_next (anyres), {r.fewest:,}-{r.most:,} visual tokens per image (by size)"

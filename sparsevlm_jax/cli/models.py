@@ -104,12 +104,16 @@ def load_pipeline(args: argparse.Namespace, path: Path, cfg: LlavaConfig, mesh: 
         raise CheckpointError(f"{path}: cannot read the weights ({first})") from e
 
 
-def check_prompt(processor: Any, prompt: str, num_images: int = 1) -> None:
-    """Tokenizes the prompt about `num_images` images and checks it fits a bucket (InputError
-    otherwise, e.g. when its <image> markers do not match the images)."""
+def check_prompt(
+    processor: Any, prompt: str, num_images: int = 1, placeholders: list[str] | None = None
+) -> None:
+    """Tokenizes the prompt about `num_images` images (or the visual items `placeholders`
+    mark) and checks it fits a bucket (InputError otherwise, e.g. when its <image> markers do
+    not match the images)."""
     from sparsevlm_jax.batch import Buckets
 
-    spans = processor.encode_spans(prompt, num_images)
+    n = len(placeholders) if placeholders is not None else num_images
+    spans = processor.encode_spans(prompt, n, placeholders)
     prefix, text = spans[0], spans[-1]
     Buckets.pick(processor.buckets.prefix, len(prefix), "prefix length")
     Buckets.pick(processor.buckets.text, len(text), "prompt length after the image")

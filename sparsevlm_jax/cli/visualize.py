@@ -20,7 +20,7 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     picture = kept_picture(image, pipe.processor, pipe.cfg, stats["layers"])
     save_atomic(picture, args.out)
     print(result.text)
-    if pipe.cfg.family == "llava_next":
+    if pipe.cfg.anyres:
         print(f"image {image.height}x{image.width} (h x w): {stats['visual_tokens']} visual tokens")
     for x in stats["layers"]:
         print(f"layer {x['layer']}: {len(x['kept'])} kept + {x['recycled']} recycled")

@@ -16,7 +16,7 @@ from sparsevlm_jax.errors import InputError
 from sparsevlm_jax.eval.answers import Appender, duplicate_lines, read_answers
 from sparsevlm_jax.eval.claim import Claim, environment_failure, os_error_line
 from sparsevlm_jax.eval.parts import Merged, done_ids, merge_answers, part_files, part_path
-from sparsevlm_jax.eval.questions import Question, image_path
+from sparsevlm_jax.eval.questions import DEFAULT_FRAMES, Question, visual_input
 from sparsevlm_jax.eval.scoring import Accuracy, accuracy
 from sparsevlm_jax.eval.stats import sparse_to_json, stats_to_json
 from sparsevlm_jax.sparse.config import SparseConfig
@@ -273,7 +273,7 @@ def _answer(
             # dropped) so it reuses the compiled program of the full batch size.
             padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
             results = pipe.generate(
-                [image_path(q, image_folder) for q in padded],
+                [visual_input(q, image_folder, DEFAULT_FRAMES) for q in padded],
                 [q.text for q in padded],
                 sparse=sparse,
                 seed=seeds[chunk[0].question_id],

@@ -72,6 +72,21 @@ def image_features(params: dict[str, Any], cfg: LlavaConfig, pixel_values: Array
 
     pixel_values [B, H, W, C] (normalised, channels last).
     """
+    return project(params, tower_features(params, cfg, pixel_values))
+
+
+def project(params: dict[str, Any], x: Array) -> Array:
+    """The multimodal projector: tower features [..., D_vision] -> [..., D_text]."""
+    pp = params["projector"]
+    return linear(activation("gelu", linear(x, pp["linear_1"])), pp["linear_2"])
+
+
+def tower_features(params: dict[str, Any], cfg: LlavaConfig, pixel_values: Array) -> Array:
+    """The selected layer's tower features [B, num_image_tokens, D_vision] (CLS dropped under
+    the "default" strategy), before the projector.
+
+    pixel_values [B, H, W, C] (normalised, channels last).
+    """
     vp, vc = params["vision"], cfg.vision
     dtype = jnp.dtype(cfg.dtype)
     x = patch_embed(vp, vc, pixel_values.astype(dtype))
@@ -86,5 +101,4 @@ def image_features(params: dict[str, Any], cfg: LlavaConfig, pixel_values: Array
     x, _ = jax.lax.scan(body, x, jnp.arange(n), unroll=n if cfg.unroll_layers else 1)
     if cfg.vision_feature_select_strategy == "default":
         x = x[:, 1:]
-    pp = params["projector"]
-    return linear(activation("gelu", linear(x, pp["linear_1"])), pp["linear_2"])
+    return x

@@ -92,7 +92,10 @@ class KVCache:
 
 # Families whose visual count varies per example: (params, cfg, pixel_values, visual_index)
 # -> visual tokens [B, V, D]; the batch's `visual_index` says which slots are padding.
-VISUAL_TOKENS: dict[str, Callable[..., Array]] = {"llava_next": llava_next.visual_tokens}
+VISUAL_TOKENS: dict[str, Callable[..., Array]] = {
+    "llava_next": llava_next.visual_tokens,
+    "llava_next_video": llava_next.visual_tokens,
+}
 
 
 def embed_inputs(params: Params, cfg: LlavaConfig, batch: Batch) -> SeqState:

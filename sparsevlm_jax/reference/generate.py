@@ -26,6 +26,7 @@ def reference_prefill(
     keep_layer_inputs: bool = False,
     track_margins: bool = True,
     image_sizes: torch.Tensor | None = None,
+    pixel_values_videos: torch.Tensor | None = None,
 ) -> RefResult:
     """Prefill of LLaVA with SparseVLM pruning (SPEC §1-§6), batch 1, eager.
 
@@ -39,6 +40,8 @@ def reference_prefill(
         margins are always recorded).
       image_sizes: LLaVA-NeXT only, [1, 2] (height, width) of the image, with
         `pixel_values` [1, tiles, 3, H, W] (`LlavaNextForConditionalGeneration`).
+      pixel_values_videos: LLaVA-NeXT-Video's [1, frames, 3, H, W] (`pixel_values` None
+        for a prompt without an image).
     Returns:
       RefResult; `logits` are float32 [N', vocab] for the final (pruned) sequence.
     """
@@ -51,7 +54,9 @@ def reference_prefill(
     prune_at = {} if params.method == "dense" else {l: i for i, l in enumerate(params.layers)}
 
     with torch.no_grad():
-        h, vis_idx = visual_embeddings(model, input_ids, pixel_values, image_sizes)  # [1, N, D]
+        h, vis_idx = visual_embeddings(  # [1, N, D]
+            model, input_ids, pixel_values, image_sizes, pixel_values_videos
+        )
         p, v0 = int(vis_idx[0]), int(vis_idx.numel())
         # The text: every non-visual token after the first visual one (SPEC §9.1).
         is_text = torch.ones(h.shape[1], dtype=torch.bool)
@@ -177,6 +182,7 @@ def reference_generate(
     eos_token_ids: tuple[int, ...] | list[int] = (),
     track_margins: bool = True,
     image_sizes: torch.Tensor | None = None,
+    pixel_values_videos: torch.Tensor | None = None,
 ) -> tuple[list[int], RefResult]:
     """Greedy generation: pruned prefill, then per-layer-cache decoding.
 
@@ -200,6 +206,7 @@ def reference_generate(
         params,
         track_margins=track_margins,
         image_sizes=image_sizes,
+        pixel_values_videos=pixel_values_videos,
     )
     eos = set(int(t) for t in eos_token_ids)
     tokens: list[int] = []

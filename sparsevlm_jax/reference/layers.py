@@ -94,16 +94,19 @@ def _image_token_id(model: Any) -> int:
 def visual_embeddings(
     model: Any,
     input_ids: torch.Tensor,
-    pixel_values: torch.Tensor,
+    pixel_values: torch.Tensor | None,
     image_sizes: torch.Tensor | None = None,
+    pixel_values_videos: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token embeddings with every image's projected features spliced in (llava-hf style),
-    any number of images in any number of spans.
+    """Token embeddings with every image's and video's projected features spliced in
+    (llava-hf style), any number of them in any number of spans.
 
     Args:
-      input_ids: int64 [1, N], each image's token id repeated its feature count.
+      input_ids: int64 [1, N], each image's token id repeated its feature count (a video's
+        token id its frames' pooled count: LLaVA-NeXT-Video).
       pixel_values, image_sizes: as `get_image_features` takes them (LLaVA-NeXT: one row of
-        tiles per image and the images' (height, width)).
+        tiles per image and the images' (height, width)); None without images.
+      pixel_values_videos: [1, frames, 3, H, W] as `get_video_features` takes them, or None.
     Returns:
       (E [1, N, D] in the model dtype, the visual tokens' indices [V0] int64, ascending).
     """
@@ -112,15 +115,39 @@ def visual_embeddings(
         raise ValueError(
             f"the reference runs batch 1: input_ids must be [1, N], got {tuple(input_ids.shape)}"
         )
-    where = torch.nonzero(input_ids[0] == _image_token_id(model)).flatten()
-    if where.numel() == 0:
-        raise ValueError("input_ids hold no image token")
     embeds = language_model(model).embed_tokens(input_ids).clone()  # [1, N, D]
-    features = _image_features(model, pixel_values, image_sizes).to(embeds.dtype)  # [V0, D]
-    if features.shape[0] != where.numel():
-        raise ValueError(f"{where.numel()} image tokens but {features.shape[0]} image features")
-    embeds[0, where] = features
-    return embeds, where
+    parts = []
+    if pixel_values is not None:
+        parts.append((_image_token_id(model), _image_features(model, pixel_values, image_sizes)))
+    if pixel_values_videos is not None:
+        video_id = int(model.config.video_token_index)
+        parts.append((video_id, _video_features(model, pixel_values_videos)))
+    if not parts:
+        raise ValueError("neither pixel_values nor pixel_values_videos given")
+    for token, features in parts:
+        where = torch.nonzero(input_ids[0] == token).flatten()
+        if features.shape[0] != where.numel():
+            raise ValueError(f"{where.numel()} tokens {token} but {features.shape[0]} features")
+        embeds[0, where] = features.to(embeds.dtype)
+    ids = [token for token, _ in parts]
+    visual = torch.nonzero(torch.isin(input_ids[0], torch.tensor(ids))).flatten()
+    if visual.numel() == 0:
+        raise ValueError("input_ids hold no image token")
+    return embeds, visual
+
+
+def _video_features(model: Any, pixel_values_videos: torch.Tensor) -> torch.Tensor:
+    """A video's pooled, projected frame features [frames * P, D] (LLaVA-NeXT-Video)."""
+    cfg = model.config
+    dtype = next(model.parameters()).dtype
+    out = model.model.get_video_features(
+        pixel_values_videos=pixel_values_videos.to(dtype),
+        vision_feature_layer=cfg.vision_feature_layer,
+        vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+    )
+    if hasattr(out, "pooler_output"):
+        out = out.pooler_output
+    return out.reshape(-1, out.shape[-1])
 
 
 def input_embeddings(
