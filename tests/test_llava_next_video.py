@@ -162,7 +162,7 @@ def test_image_and_image_plus_video_give_transformers_greedy_tokens(work):
     assert both == hf_greedy(work, video=clip, image=img)
 
 
-METHODS = ["v1", "v1_5", "v2_0", "fastv", "random"]
+METHODS = ["v1", "v1_5", "v2_0", "fastv", "random", "video"]  # video: the authors' setting
 
 
 @pytest.fixture(scope="module")
@@ -176,15 +176,20 @@ def pipe(work):
 def test_every_method_matches_the_reference_on_video(work, pipe, method):
     """A batch of a video prompt (32 visual tokens) and an image prompt (68): each example's
     kept indices, recycled counts and greedy tokens equal the reference's."""
-    from sparsevlm_jax.sparse.config import SparseConfig
+    from sparsevlm_jax.sparse.config import SparseConfig, authors_video_config
 
-    layers = (1, 2, 3) if method != "fastv" else (1,)
+    layers = (1, 2, 3) if method not in ("fastv", "video") else (1,)
     kw = dict(method=method, layers=layers, capacity="exact")
     if method in ("v1_5", "v2_0", "random"):
         kw.update(schedule=(200, 100, 50), schedule_tokens=576)
     if method == "v1":
         kw.update(scale=2.0)
-    sparse = SparseConfig(**kw)
+    if method == "video":  # SPEC §9.6: layer 1, k = min(rank, V - 1), recycling
+        kw.update(method="v1", scale=1.0, bias=0.0)
+        sparse = authors_video_config(capacity="exact")
+        assert sparse == SparseConfig(**kw).replace(preset="video") and sparse.name == "video"
+    else:
+        sparse = SparseConfig(**kw)
     clip, img = work.dir / "clip.mp4", work.dir / "img.png"
     items = [load_video(clip, FRAMES), Image.open(img)]
     results = pipe.generate(items, [QUESTION, QUESTION], sparse, max_new_tokens=NEW_TOKENS)
@@ -238,6 +243,19 @@ def test_bad_video_input_is_one_line(work, args, message):
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().count("\n") == 0 and message in r.stderr, r.stderr
     assert r.stdout == ""
+
+
+def test_authors_video_setting_by_name(work):
+    r = sparsevlm("generate", "--model", work.dir / "ckpt", "--template", "llava_hf",
+                  "--video", work.dir / "clip.mp4", "--prompt", QUESTION, "--sparse", "video",
+                  "--max-new-tokens", 2, "--json")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["sparse"]["preset"] == "video" and out["sparse"]["layers"] == [1]
+    assert [x["layer"] for x in out["stats"]["layers"]] == [1]
+    bad = sparsevlm("generate", "--model", work.dir / "ckpt", "--video", work.dir / "clip.mp4",
+                    "--prompt", QUESTION, "--sparse", "video", "--budget", 64)  # fmt: skip
+    assert bad.returncode == 2 and "takes no --budget" in bad.stderr
 
 
 def test_video_on_an_image_model_is_refused(tmp_path):

@@ -66,7 +66,12 @@ def add_sparse_args(p: argparse.ArgumentParser) -> None:
         "Default: dense, or v1 when any other sparsity option is given. Pick a named budget "
         "(--budget) or, for v1, an explicit rule k = floor(rank*scale + bias) (--scale/--bias).",
     )
-    g.add_argument("--sparse", metavar="METHOD", help=f"{', '.join(METHODS)}")
+    g.add_argument(
+        "--sparse",
+        metavar="METHOD",
+        help=f"{', '.join(METHODS)}, or video: the authors' video setting (SPEC §9.6: one "
+        "pruning layer, layer 1, k = rank, recycling, positions renumbered)",
+    )
     budgets = "; ".join(f"{m}: {','.join(map(str, b))}" for m, b in NAMED_BUDGETS.items())
     g.add_argument(
         "--budget",

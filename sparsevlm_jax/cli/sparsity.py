@@ -18,12 +18,14 @@ from sparsevlm_jax.cli.options import DEFAULT_BUDGET, comma_ints, ingredient_swi
 from sparsevlm_jax.config import ConfigError, LlavaConfig
 from sparsevlm_jax.errors import InputError
 from sparsevlm_jax.sparse.config import (
+    AUTHORS_VIDEO,
     INGREDIENT_METHODS,
     METHODS,
     NAMED_BUDGETS,
     NEXT_BUDGETS,
     V1_LAYERS_32,
     SparseConfig,
+    authors_video_config,
     named_sparse_config,
     preset_layers,
     variable_visual_budgets,
@@ -103,8 +105,21 @@ def sparse_from_args(
     rule = (args.budget, args.scale, args.bias, args.layers, args.capacity)
     explicit = any(x is not None for x in rule)
     method = args.sparse if args.sparse is not None else ("v1" if explicit else "dense")
+    if method == AUTHORS_VIDEO:
+        if explicit and (args.budget, args.scale, args.bias, args.layers) != (None,) * 4:
+            raise InputError(
+                "--sparse video is the authors' video setting (layer 1, k = rank, recycling): "
+                "it takes no --budget/--scale/--bias/--layers (use --sparse v1 for those)"
+            )
+        sparse = authors_video_config(**ingredient_switches(args))
+        sparse = apply_capacity(
+            sparse, parse_capacity(args.capacity, cfg.num_image_tokens), model, note
+        )
+        sparse.validate_for(cfg.text.num_hidden_layers)
+        return sparse
     if method not in METHODS:
-        raise ConfigError(f"unknown sparse method {method!r}; known: {', '.join(METHODS)}")
+        known = ", ".join((*METHODS, AUTHORS_VIDEO))
+        raise ConfigError(f"unknown sparse method {method!r}; known: {known}")
     switches = ingredient_switches(args)
     if method == "dense":
         if explicit or switches:

@@ -99,6 +99,7 @@ class SparseConfig:
       RoPE bias first (SPEC §6); original_positions: kept tokens keep their position ids (a
       recycled token takes its centre's) and decoding continues the prompt's; recycling:
       SPEC §4.
+    preset: the name of a setting that is not a method at a budget (`AUTHORS_VIDEO`).
     """
 
     method: str = "dense"
@@ -118,6 +119,7 @@ class SparseConfig:
     gravity: bool | None = None
     original_positions: bool | None = None
     recycling: bool | None = None
+    preset: str | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -201,6 +203,8 @@ class SparseConfig:
         if not self.enabled:
             return "dense"
         name = f"{self.method}@{self.budget_name}" if self.budget_name else self.method
+        if self.preset:
+            name = self.preset
         return name + "".join(("+" if on else "-") + k for k, on in self.switched.items())
 
     def replace(self, **kw: Any) -> SparseConfig:
@@ -424,3 +428,14 @@ def _variable_visual_config(method: str, budget: int | None, num_layers: int, **
 def _visual_counts_after(cfg: SparseConfig) -> tuple[int, ...]:
     """Visual tokens after each pruning layer of a static fixed-schedule config (k + c)."""
     return tuple(k + c for k, c in zip(cfg.capacities, cfg.recycled_capacities, strict=True))
+
+
+# The authors' video setting (their `video` branch on Video-LLaVA, SPEC §9.6): one pruning
+# layer, layer 1; k = min(rank, V - 1) (v1's rule with scale 1, bias 0); recycling as v1;
+# positions renumbered; all frames one visual region.
+AUTHORS_VIDEO = "video"
+
+
+def authors_video_config(**kw: Any) -> SparseConfig:
+    """SPEC §9.6's preset as a SparseConfig (named "video"); `kw` e.g. a capacity policy."""
+    return SparseConfig(method="v1", layers=(1,), scale=1.0, bias=0.0, preset=AUTHORS_VIDEO, **kw)
