@@ -253,6 +253,13 @@ def test_authors_video_setting_by_name(work):
     out = json.loads(r.stdout)
     assert out["sparse"]["preset"] == "video" and out["sparse"]["layers"] == [1]
     assert [x["layer"] for x in out["stats"]["layers"]] == [1]
+    (per_frame,) = out["stats"]["frames_kept"]  # the one pruning layer's kept, frame by frame
+    assert len(per_frame) == FRAMES and all(0 <= n <= PER_FRAME for n in per_frame)
+    assert sum(per_frame) == len(out["stats"]["layers"][0]["kept"])
+    text = sparsevlm("generate", "--model", work.dir / "ckpt", "--template", "llava_hf",
+                     "--video", work.dir / "clip.mp4", "--prompt", QUESTION, "--sparse", "video",
+                     "--max-new-tokens", 2, "--stats")  # fmt: skip
+    assert "layer 1 kept per video frame: " + " ".join(map(str, per_frame)) in text.stdout
     bad = sparsevlm("generate", "--model", work.dir / "ckpt", "--video", work.dir / "clip.mp4",
                     "--prompt", QUESTION, "--sparse", "video", "--budget", 64)  # fmt: skip
     assert bad.returncode == 2 and "takes no --budget" in bad.stderr

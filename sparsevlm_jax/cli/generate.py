@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from sparsevlm_jax.cli.errors import EXIT_OK
 from sparsevlm_jax.cli.mesh import check_mesh
 from sparsevlm_jax.cli.models import (
@@ -67,6 +69,7 @@ def run_one(
     Returns (pipeline, PIL image, result, sparse config, stats as from `stats_to_json`).
     """
     from sparsevlm_jax.eval import stats_to_json
+    from sparsevlm_jax.eval.stats import frames_kept
     from sparsevlm_jax.processing import load_image
 
     path, cfg, sparse, _ = prepare(args)
@@ -98,14 +101,37 @@ def run_one(
         seed=args.seed,
         batch_size=1,
     )[0]
-    return pipe, image, result, sparse, stats_to_json(result.stats, sparse, cfg.num_image_tokens)
+    stats = stats_to_json(result.stats, sparse, cfg.num_image_tokens)
+    videos = [x for x in images if not isinstance(x, Image.Image)]
+    if sparse.enabled and videos:
+        frames = sum(len(v.frames) for v in videos)
+        stats["frames_kept"] = frames_kept(stats["layers"], frame_map(pipe, images), frames)
+    return pipe, image, result, sparse, stats
+
+
+def frame_map(pipe: Any, items: list[Any]) -> list[int | None]:
+    """The frame of each visual token of a prompt's items (None for images' tokens; frames
+    of several videos numbered on)."""
+    from sparsevlm_jax.anyres import num_visual_tokens
+
+    out: list[int | None] = []
+    frame = 0
+    per_frame = pipe.cfg.video_tokens_per_frame
+    for it in items:
+        if isinstance(it, Image.Image):
+            out += [None] * num_visual_tokens((it.height, it.width), pipe.processor.anyres)
+        else:
+            for _ in it.frames:
+                out += [frame] * per_frame
+                frame += 1
+    return out
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Prints the answer, then `--stats` or instead one `--json` object."""
     pipe, _, result, sparse, stats = run_one(args)
     if args.json:
-        print(json.dumps(result_json(result, sparse, pipe.cfg)))
+        print(json.dumps({**result_json(result, sparse, pipe.cfg), "stats": stats}))
         return EXIT_OK
     print(result.text)
     if args.stats:

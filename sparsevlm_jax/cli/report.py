@@ -105,6 +105,10 @@ def format_stats(
             if extra:
                 row += f"  {_cell(x.get('recycled_overflow')):>17}"
             lines.append(row)
+        for x, per_frame in zip(stats["layers"], stats.get("frames_kept", []), strict=False):
+            lines.append(
+                f"layer {x['layer']} kept per video frame: {' '.join(map(str, per_frame))}"
+            )
         counts = " ".join(map(str, stats["visual_counts"]))
         flops, dense_flops = stats["flops"], stats["dense_flops"]
         kv, dense_kv = stats["kv_cache_bytes"], stats["dense_kv_cache_bytes"]

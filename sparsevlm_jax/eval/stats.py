@@ -75,3 +75,24 @@ def stats_to_json(
 def sparse_to_json(sparse: SparseConfig) -> dict[str, Any]:
     """The sparsity settings of a run (every `SparseConfig` field), for machine-readable output."""
     return jsonable(dataclasses.asdict(sparse))
+
+
+def frames_kept(
+    layers: Sequence[dict[str, Any]], frame_of: Sequence[int | None], num_frames: int
+) -> list[list[int]]:
+    """Per pruning layer, how many of each video frame's tokens are still there after it.
+
+    `frame_of[i]`: the frame of the example's i-th visual token (None for an image's tokens).
+    Each layer's `kept` indexes the previous layer's kept tokens then its recycled ones
+    (`check_kept`); recycled tokens belong to no frame.
+    """
+    current: list[int | None] = list(frame_of)
+    out = []
+    for layer in layers:
+        current = [current[int(k)] for k in layer["kept"]] + [None] * int(layer["recycled"])
+        counts = [0] * num_frames
+        for f in current:
+            if f is not None:
+                counts[f] += 1
+        out.append(counts)
+    return out
