@@ -302,3 +302,20 @@ def test_eval_lines_may_carry_a_video(work, tmp_path):
                     "--answers", tmp_path / "b.jsonl")  # fmt: skip
     assert bad.returncode == 2 and "'frames'" in bad.stderr and bad.stderr.count("\n") == 1
     assert not (tmp_path / "b.jsonl").exists()
+
+
+def test_visualize_draws_a_grid_of_frames(work, tmp_path):
+    out = tmp_path / "kept.png"
+    r = sparsevlm("visualize", "--model", work.dir / "ckpt", "--template", "llava_hf",
+                  "--video", work.dir / "clip.mp4", "--frames", FRAMES, "--prompt", QUESTION,
+                  "--sparse", "v1_5", "--budget", 64, "--layers", "1,2,3",
+                  "--out", out)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert f"frames {[0, 2, 5, 7, 10, 12, 15, 17]} of {CLIP_FRAMES}" in r.stdout
+    pic = Image.open(out)
+    assert pic.width > FRAMES * TILE and pic.height > 4 * TILE  # 8 frames wide, 1 + 3 rows
+    two = sparsevlm("visualize", "--model", work.dir / "ckpt", "--video", work.dir / "clip.mp4",
+                    "--image", work.dir / "img.png", "--prompt", QUESTION, "--sparse", "v1",
+                    "--out", tmp_path / "two.png")  # fmt: skip
+    assert two.returncode == 2 and "one --image or --video" in two.stderr
+    assert not (tmp_path / "two.png").exists()

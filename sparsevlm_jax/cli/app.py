@@ -247,7 +247,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = command("visualize", "draw the patches kept at each pruning layer", visualize.cmd_visualize)
     add_model_args(v)
-    v.add_argument("--image", required=True, metavar="PATH", help="image file")
+    v.add_argument("--image", metavar="PATH", help="image file")
+    v.add_argument(
+        "--video",
+        metavar="PATH",
+        action="append",
+        help="or a video file / frame folder (video models): one row of frames per layer",
+    )
+    v.add_argument("--frames", type=int, default=8, metavar="N", help="frames (%(default)s)")
     v.add_argument("--prompt", required=True, metavar="TEXT", help="the question")
     v.add_argument("--out", required=True, metavar="PNG", help="picture to write")
     add_sparse_args(v)

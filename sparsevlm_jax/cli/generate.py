@@ -82,14 +82,16 @@ def run_one(
         check_writable(picture, "picture")
         image_format(picture)
     paths = image_paths(args)
-    if picture is not None and (len(paths) != 1 or getattr(args, "video", None)):
-        raise InputError("visualize draws one image: give one --image")
+    if picture is not None and len(paths) + len(getattr(args, "video", None) or []) != 1:
+        raise InputError("visualize draws one image or video: give one --image or --video")
     images: list[Any] = [load_image(p) for p in paths]
     if getattr(args, "video", None):
         from sparsevlm_jax.video import load_video
 
         images += [load_video(v, args.frames) for v in args.video]
-    image = images[0] if len(images) == 1 and not getattr(args, "video", None) else images
+    image = (
+        images[0] if len(images) == 1 and (picture or not getattr(args, "video", None)) else images
+    )
     pipe = load_pipeline(args, path, cfg)
     result = pipe.generate(
         [image],

@@ -10,6 +10,7 @@ import argparse
 
 from sparsevlm_jax.cli.errors import EXIT_OK
 from sparsevlm_jax.cli.generate import run_one
+from sparsevlm_jax.video import Video
 
 
 def cmd_visualize(args: argparse.Namespace) -> int:
@@ -17,10 +18,18 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     from sparsevlm_jax.visualize import kept_picture, save_atomic
 
     pipe, image, result, _, stats = run_one(args, picture=args.out)
-    picture = kept_picture(image, pipe.processor, pipe.cfg, stats["layers"])
+    if isinstance(image, Video):
+        from sparsevlm_jax.visualize_video import video_picture
+
+        picture = video_picture(image, pipe.processor, pipe.cfg, stats["layers"])
+    else:
+        picture = kept_picture(image, pipe.processor, pipe.cfg, stats["layers"])
     save_atomic(picture, args.out)
     print(result.text)
-    if pipe.cfg.anyres:
+    if isinstance(image, Video):
+        print(f"video {image.source}: frames {list(image.indices)} of {image.total_frames}, "
+              f"{stats['visual_tokens']} visual tokens")  # fmt: skip
+    elif pipe.cfg.anyres:
         print(f"image {image.height}x{image.width} (h x w): {stats['visual_tokens']} visual tokens")
     for x in stats["layers"]:
         print(f"layer {x['layer']}: {len(x['kept'])} kept + {x['recycled']} recycled")
