@@ -140,6 +140,15 @@ def ours(work, *args: str | Path) -> list[int]:
     return json.loads(r.stdout)["token_ids"]
 
 
+def test_rope_scaling_comes_from_the_config(work):
+    from sparsevlm_jax.checkpoint import load_config
+
+    cfg = load_config(work.dir / "ckpt")
+    assert cfg.family == "llava_next_video" and cfg.video_token_index == VIDEO_TOKEN
+    assert dict(cfg.text.rope_scaling) == {"factor": 2.0, "rope_type": "linear"}
+    assert cfg.video_tokens_per_frame == PER_FRAME
+
+
 def test_sampled_frames_are_transformers_rule(work):
     video = load_video(work.dir / "clip.mp4", FRAMES)
     assert video.total_frames == CLIP_FRAMES

@@ -164,7 +164,7 @@ def tiny_llava_next(
     patch 14, `NEXT_PINPOINTS`); `decoder` "mistral" gives a Mistral text model with a
     sliding window of 256 tokens. qk_std / embed_std / projector_std as in `tiny_llava`.
     `video`: a `LlavaNextVideoForConditionalGeneration` instead (`<video>` = `VIDEO_TOKEN`,
-    2x2 average pooling: 4 tokens a frame)."""
+    2x2 average pooling: 4 tokens a frame, linear RoPE scaling by 2)."""
     import torch
     import transformers
 
@@ -179,6 +179,9 @@ def tiny_llava_next(
     )  # fmt: skip
     if decoder == "mistral":
         text = transformers.MistralConfig(sliding_window=256, **common)
+    elif video:  # LLaVA-NeXT-Video's Vicuna runs linear RoPE scaling: read from the config
+        rope = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+        text = transformers.LlamaConfig(rope_parameters=rope, **common)
     else:
         text = transformers.LlamaConfig(**common)
     kind = "LlavaNextVideo" if video else "LlavaNext"
