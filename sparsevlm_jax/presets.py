@@ -10,6 +10,7 @@ with the same anyres tiling.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING
 
 import jax
@@ -69,12 +70,31 @@ def mini_next(dtype: str = "float32") -> LlavaConfig:
     return mini(dtype).replace(family="llava_next", image_grid_pinpoints=NEXT_PINPOINTS)
 
 
+def _video(cfg: LlavaConfig) -> LlavaConfig:
+    """LLaVA-NeXT-Video on a LLaVA-NeXT shape: `<video>` after `<image>`, 2x2 average pooling
+    (144 tokens a 336-px frame), the hub's linear RoPE scaling by 2."""
+    text = dataclasses.replace(cfg.text, rope_scaling=(("factor", 2.0), ("rope_type", "linear")))
+    return cfg.replace(family="llava_next_video", video_token_index=32001, text=text)
+
+
+def llava_next_video_7b(dtype: str = "bfloat16") -> LlavaConfig:
+    """LLaVA-NeXT-Video-7B (llava-hf/LLaVA-NeXT-Video-7B-hf): LLaVA-NeXT-7B's shape."""
+    return _video(llava_next_7b(dtype))
+
+
+def mini_next_video(dtype: str = "float32") -> LlavaConfig:
+    """`mini-next` as LLaVA-NeXT-Video (144 tokens a frame)."""
+    return _video(mini_next(dtype))
+
+
 SHAPES = {
     "llava-1.5-7b": llava_1_5_7b,
     "llava-1.5-13b": llava_1_5_13b,
     "llava-next-7b": llava_next_7b,
     "mini": mini,
     "mini-next": mini_next,
+    "llava-next-video-7b": llava_next_video_7b,
+    "mini-next-video": mini_next_video,
 }
 
 
@@ -95,16 +115,23 @@ def anyres_spec(cfg: LlavaConfig) -> AnyresSpec:
 
 
 def abstract_batch(
-    cfg: LlavaConfig, batch: int = 1, prefix: int = 48, text: int = 64, visual: int | None = None
+    cfg: LlavaConfig,
+    batch: int = 1,
+    prefix: int = 48,
+    text: int = 64,
+    visual: int | None = None,
+    tiles: int | None = None,
 ) -> Batch:
     """ShapeDtypeStructs of one bucket (defaults: vicuna_v1's 35-token prefix, ~60-token
     question). `visual`: the visual slots of a llava_next bucket (its `visual_index` width;
-    the pixels are then `max_tiles` tiles per example)."""
+    the pixels are then `tiles` tower inputs per example, default `max_tiles`; a video's
+    frames are tower inputs too)."""
     s, c = cfg.vision.image_size, cfg.vision.num_channels
     if cfg.anyres:
         if visual is None:
             raise ValueError("a llava_next batch needs its visual slot count")
-        pixels = jax.ShapeDtypeStruct((batch, cfg.max_tiles, s, s, c), jnp.float32)
+        n = tiles if tiles is not None else cfg.max_tiles
+        pixels = jax.ShapeDtypeStruct((batch, n, s, s, c), jnp.float32)
         index = jax.ShapeDtypeStruct((batch, visual), jnp.int32)
     else:
         pixels, index = jax.ShapeDtypeStruct((batch, s, s, c), jnp.float32), None

@@ -20,6 +20,7 @@ from sparsevlm_jax.bench.workloads import (
     PREFIX_TOKENS,
     TEXT_TOKENS,
     TIMED_IMAGES,
+    VIDEO_SETS,
     Options,
     Workload,
     method_list,
@@ -116,6 +117,8 @@ def image_sets_from_args(args: argparse.Namespace) -> dict[str, tuple[tuple[int,
     runs, TIMED_IMAGES for full runs."""
     if args.images:
         return parse_image_sets(args.images)
+    if SHAPES[args.shape]().takes_video:  # videos of 8 / 16 / 32 frames
+        return dict(VIDEO_SETS)
     if args.flops_only:
         return dict(IMAGE_SETS)
     return {"+".join(f"{h}x{w}" for h, w in TIMED_IMAGES): TIMED_IMAGES}
@@ -130,7 +133,7 @@ def workload_from_args(args: argparse.Namespace) -> Workload:
         dtype = "bfloat16"  # the KV-cache bytes of the real model
     cfg = SHAPES[args.shape](dtype)
     images, name = (), ""
-    if cfg.family == "llava_next":
+    if cfg.anyres:
         name, images = next(iter(image_sets_from_args(args).items()))
     return Workload(
         shape=args.shape,
@@ -232,9 +235,9 @@ def run(
     if args.prefix_tokens < 1 or args.text_tokens < 1:
         print(f"{PROG}: error: prompt token counts must be >= 1", file=sys.stderr)
         return 2
-    variable = SHAPES[args.shape]().family == "llava_next"
+    variable = SHAPES[args.shape]().anyres
     try:
-        method_list(split_list(args.methods), variable)
+        method_list(split_list(args.methods), variable, SHAPES[args.shape]().takes_video)
         sets = image_sets_from_args(args) if variable else None
     except ValueError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

@@ -164,7 +164,8 @@ def count_config(wl: Workload) -> LlavaConfig:
 
 def abstract_inputs(wl: Workload, cfg: LlavaConfig) -> tuple[dict, Batch]:
     visual = wl.visual_slots if wl.variable else None
-    batch = abstract_batch(cfg, wl.batch, wl.prefix_bucket, wl.text_bucket, visual)
+    tiles = wl.tiles if wl.variable else None
+    batch = abstract_batch(cfg, wl.batch, wl.prefix_bucket, wl.text_bucket, visual, tiles)
     return abstract_params(cfg), batch
 
 

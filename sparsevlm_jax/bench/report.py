@@ -79,7 +79,7 @@ def stage_summary(visual: Sequence[int]) -> str:
 
 def visual_text(wl: dict[str, Any]) -> str:
     """The visual tokens of a workload description, in words."""
-    if wl.get("family") != "llava_next":
+    if wl.get("family") not in ("llava_next", "llava_next_video"):
         return f"{wl['num_image_tokens']} visual tokens"
     pins = ", ".join(f"{h}×{w}" for h, w in wl["image_grid_pinpoints"])
     out = (
@@ -87,9 +87,11 @@ def visual_text(wl: dict[str, Any]) -> str:
         f"pinpoints {pins}), newline tokens, {wl['visual_ladder_steps_per_octave']}-step visual "
         "ladder"
     )
+    if wl.get("family") == "llava_next_video":
+        out += "; videos: 2x2-pooled frames (144 tokens a frame)"
     if wl.get("image_set") and "images" in wl:
         counts = ", ".join(map(str, wl["visual_counts"]))
-        images = ", ".join(f"{h}×{w}" for h, w in wl["images"])
+        images = ", ".join(f"{w} frames" if h == 0 else f"{h}×{w}" for h, w in wl["images"])
         out += f"; images {images} (V0 = {counts}, {wl['visual_slots']} slots)"
     return out
 

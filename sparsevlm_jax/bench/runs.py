@@ -41,6 +41,7 @@ from sparsevlm_jax.bench.torch_side import (
 from sparsevlm_jax.bench.workloads import (
     EACH,
     IMAGE_SETS,
+    VIDEO_SETS,
     Options,
     Workload,
     bench_sparse_config,
@@ -105,7 +106,7 @@ def run_flops(
             "targets": flops_targets(results),
         }
     results, visions = [], {}
-    sets = image_sets or IMAGE_SETS
+    sets = image_sets or (VIDEO_SETS if wl.cfg.takes_video else IMAGE_SETS)
     for name, images in sets.items():
         if name.startswith(EACH):  # one batch per image, counts summed
             name = name[len(EACH) :]
@@ -198,7 +199,9 @@ def flops_entries(
 
     results = []
     desc = f"FLOPs {wl.shape}" + (f" {wl.image_set}" if wl.image_set else "")
-    for method, budget in tqdm(method_list(methods, wl.variable), desc=desc, disable=quiet):
+    for method, budget in tqdm(
+        method_list(methods, wl.variable, wl.cfg.takes_video), desc=desc, disable=quiet
+    ):
         sparse = bench_sparse_config(method, budget, wl.cfg, visual_counts=wl.visual_counts)
         cost, kv = xla_prefill_cost(wl, sparse, compile_)
         if wl.variable:  # long sequences: the block-skipped attention is a visible share
@@ -271,7 +274,7 @@ def run_full(wl: Workload, opts: Options) -> dict[str, Any]:
     ids = pix = None
     if model is not None:
         ids, pix = torch_inputs(wl, prefix, text, pixels, opts.torch_device)
-    methods = method_list(opts.methods, wl.variable)
+    methods = method_list(opts.methods, wl.variable, wl.cfg.takes_video)
     for method, budget in tqdm(methods, desc="compile", disable=opts.quiet):
         label = method_label(method, budget)
         elapsed = time.monotonic() - started

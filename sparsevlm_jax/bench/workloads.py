@@ -33,9 +33,11 @@ from sparsevlm_jax.batch import Buckets
 from sparsevlm_jax.config import LlavaConfig
 from sparsevlm_jax.params import flatten, param_shapes, unflatten
 from sparsevlm_jax.sparse.config import (
+    AUTHORS_VIDEO,
     NEXT_BUDGETS,
     V1_STATIC_SHAPES_7B,
     SparseConfig,
+    authors_video_config,
     named_presets,
     named_sparse_config,
     variable_visual_budgets,
@@ -63,14 +65,23 @@ IMAGE_SETS: dict[str, tuple[Size, ...]] = {
     "mixed-batch": MIXED,
     f"{EACH}mixed-one-by-one": MIXED,
 }
+# Video shapes (LLaVA-NeXT-Video): a video of N frames is the item (VIDEO, N), written "Nf".
+VIDEO = 0
+VIDEO_SETS: dict[str, tuple[Size, ...]] = {f"{n}-frames": ((VIDEO, n),) for n in (8, 16, 32)}
 # The timed (full) run's image on LLaVA-NeXT shapes.
 TIMED_IMAGES: tuple[Size, ...] = ((480, 640),)
 
 
+def item_name(hw: Size) -> str:
+    """ "672x672", or "8f" for a video of 8 frames."""
+    return f"{hw[1]}f" if hw[0] == VIDEO else f"{hw[0]}x{hw[1]}"
+
+
 def parse_image_sets(text: str) -> dict[str, tuple[Size, ...]]:
     """`672x672;480x640,720x1280` -> {"672x672": ..., "480x640+720x1280": ...}: sets split by
-    ';', images by ',', each HEIGHTxWIDTH; an optional `name=` names a set; a name starting
-    with `each:` runs each image as its own batch (the set's FLOPs are their sums)."""
+    ';', images by ',', each HEIGHTxWIDTH or Nf (a video of N frames, video shapes); an
+    optional `name=` names a set; a name starting with `each:` runs each image as its own
+    batch (the set's FLOPs are their sums)."""
     out: dict[str, tuple[Size, ...]] = {}
     for part in (p.strip() for p in text.split(";")):
         if not part:
@@ -78,13 +89,16 @@ def parse_image_sets(text: str) -> dict[str, tuple[Size, ...]]:
         name, _, sizes = part.rpartition("=")
         images = []
         for item in (x.strip() for x in sizes.split(",") if x.strip()):
+            if item.lower().endswith("f") and item[:-1].isdigit() and int(item[:-1]) >= 1:
+                images.append((VIDEO, int(item[:-1])))  # a video of that many frames
+                continue
             h, sep, w = item.lower().partition("x")
             if not sep or not h.isdigit() or not w.isdigit() or int(h) < 1 or int(w) < 1:
                 raise ValueError(f"image size {item!r} is not HEIGHTxWIDTH")
             images.append((int(h), int(w)))
         if not images:
             raise ValueError(f"no image sizes in {part!r}")
-        out[name.strip() or "+".join(f"{h}x{w}" for h, w in images)] = tuple(images)
+        out[name.strip() or "+".join(map(item_name, images))] = tuple(images)
     if not out:
         raise ValueError("no image sets given")
     return out
@@ -110,8 +124,8 @@ class Workload:
 
     @property
     def variable(self) -> bool:
-        """Whether visual counts vary per example (LLaVA-NeXT)."""
-        return self.cfg.family == "llava_next"
+        """Whether visual counts vary per example (LLaVA-NeXT, LLaVA-NeXT-Video)."""
+        return self.cfg.anyres
 
     @property
     def batch(self) -> int:
@@ -126,7 +140,16 @@ class Workload:
         from sparsevlm_jax.presets import anyres_spec
 
         spec = anyres_spec(self.cfg)
-        return [num_visual_tokens(hw, spec) for hw in self.images]
+        per_frame = self.cfg.video_tokens_per_frame if self.cfg.takes_video else 0
+        return [
+            hw[1] * per_frame if hw[0] == VIDEO else num_visual_tokens(hw, spec)
+            for hw in self.images
+        ]
+
+    @property
+    def tiles(self) -> int:
+        """Tower inputs per example: the most any example needs (a video: its frames)."""
+        return max(hw[1] if hw[0] == VIDEO else self.cfg.max_tiles for hw in self.images)
 
     @property
     def visual_slots(self) -> int:
@@ -227,14 +250,18 @@ def variable_presets() -> list[tuple[str, int]]:
     return [(m, b) for m in dict(named_presets()) for b in variable_visual_budgets(m)]
 
 
-def method_list(select: Sequence[str] = (), variable: bool = False) -> list[tuple[str, int | None]]:
+def method_list(
+    select: Sequence[str] = (), variable: bool = False, video: bool = False
+) -> list[tuple[str, int | None]]:
     """Dense first, then every named preset of the registry; `select` keeps the entries whose
     method name or label (e.g. "v1", "v1-64") it lists (dense is always kept).
 
     `variable` (LLaVA-NeXT): the presets of `variable_visual_budgets`; without `select` the
-    NeXT budgets 640 / 320 / 160 and 192 of 576 (`NEXT_DEFAULT_576`)."""
+    NeXT budgets 640 / 320 / 160 and 192 of 576 (`NEXT_DEFAULT_576`). `video`: the authors'
+    video setting too (`AUTHORS_VIDEO`, SPEC §9.6)."""
     if variable:
-        every = [("dense", None), *variable_presets()]
+        extra = [(AUTHORS_VIDEO, None)] if video else []
+        every = [("dense", None), *extra, *variable_presets()]
         if not select:
             keep = set(NEXT_BUDGETS) | set(NEXT_DEFAULT_576)
             return [(m, b) for m, b in every if b is None or b in keep]
@@ -269,10 +296,13 @@ def bench_sparse_config(
     recycled counts at each pruning layer (`counts.expected_counts`), what the bucketed run
     would see before rounding to its capacity ladder.
     """
-    if cfg.family == "llava_next":
+    if method == AUTHORS_VIDEO:
+        sparse = authors_video_config()
+    elif cfg.anyres:
         sparse = named_sparse_config(
             method, budget, cfg.text.num_hidden_layers, variable_visual=True
         )
+    if cfg.anyres or method == AUTHORS_VIDEO:
         if not static or not sparse.enabled:
             return sparse
         from sparsevlm_jax.bench.counts import static_capacities
@@ -297,6 +327,8 @@ def bench_sparse_config(
 def v1_shape(method: str, budget: int | None) -> tuple[int, ...] | None:
     """The assumed kept counts of a rank-adaptive preset without weights (LLaVA-NeXT names
     640 / 320 by their 576-token budgets 128 / 64; v1's rule is absolute, SPEC §9.3)."""
+    if method == AUTHORS_VIDEO:  # k = rank <= the raters: assume every text token rates
+        return (TEXT_TOKENS,)
     shapes = STATIC_SHAPES.get(method)
     if shapes is None or budget is None:
         return None
@@ -323,21 +355,28 @@ def random_pixels(cfg: LlavaConfig, seed: int = 0) -> np.ndarray:
 
 
 def next_inputs(wl: Workload, seed: int = 0) -> tuple[np.ndarray, list[np.ndarray], list[int]]:
-    """A LLaVA-NeXT workload's random tiles [B, max_tiles, s, s, C] (unused tiles zero, as
-    the processor leaves them), its per-example visual indices and tile counts."""
+    """A LLaVA-NeXT workload's random tower inputs [B, tiles, s, s, C] (unused ones zero, as
+    the processor leaves them), its per-example visual indices and input counts (an image's
+    anyres tiles; a video's frames, indexing the pooled rows after every input's patches)."""
     from sparsevlm_jax.anyres import anyres_grid, packed_indices
     from sparsevlm_jax.presets import anyres_spec
 
     spec, cfg = anyres_spec(wl.cfg), wl.cfg
     s, c = cfg.vision.image_size, cfg.vision.num_channels
     rng = np.random.default_rng(seed)
-    pix = np.zeros((wl.batch, cfg.max_tiles, s, s, c), np.float32)
+    cap = wl.tiles
+    pix = np.zeros((wl.batch, cap, s, s, c), np.float32)
     index, tiles = [], []
     for i, hw in enumerate(wl.images):
-        rows, cols = anyres_grid(hw, spec)
-        tiles.append(1 + rows * cols)
+        if hw[0] == VIDEO:
+            per = cfg.video_tokens_per_frame
+            tiles.append(hw[1])
+            index.append(cap * spec.patches_per_side**2 + np.arange(hw[1] * per, dtype=np.int32))
+        else:
+            rows, cols = anyres_grid(hw, spec)
+            tiles.append(1 + rows * cols)
+            index.append(packed_indices(hw, spec))
         pix[i, : tiles[-1]] = rng.normal(size=(tiles[-1], s, s, c))
-        index.append(packed_indices(hw, spec))
     return pix, index, tiles
 
 
