@@ -147,6 +147,10 @@ def test_rope_scaling_comes_from_the_config(work):
     assert cfg.family == "llava_next_video" and cfg.video_token_index == VIDEO_TOKEN
     assert dict(cfg.text.rope_scaling) == {"factor": 2.0, "rope_type": "linear"}
     assert cfg.video_tokens_per_frame == PER_FRAME
+    info = sparsevlm("info", work.dir / "ckpt")
+    assert info.returncode == 0, info.stderr
+    assert "family:      llava_next_video" in info.stdout
+    assert "video:       4 visual tokens per frame (4x4 patches, average pooled 2x2" in info.stdout
 
 
 def test_sampled_frames_are_transformers_rule(work):

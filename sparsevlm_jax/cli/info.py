@@ -106,8 +106,13 @@ def image_lines(cfg: LlavaConfig, style: str) -> list[str]:
     common = ", ".join(f"{h}x{w} {num_visual_tokens((h, w), spec):,}" for h, w in COMMON_SIZES)
     alone = " (the base tile alone)" if r.fewest == pps * pps else ""
     band = f"{r.band.numerator}:{r.band.denominator}"
+    name = (
+        "llava_next (LLaVA-1.6"
+        if not cfg.takes_video
+        else "llava_next_video (LLaVA-NeXT-Video, images as LLaVA-1.6"
+    )
     return [
-        f"family:      llava_next (LLaVA-1.6 anyres): a base tile + a grid of {t} px tiles, "
+        f"family:      {name} anyres): a base tile + a grid of {t} px tiles, "
         f"unpadded, one image_newline per grid row",
         f"pinpoints:   {pins} (h x w px; grids {grids} tiles)",
         f"image:       {r.fewest:,}-{r.most:,} visual tokens per image, by its size (h x w px); "
@@ -117,6 +122,22 @@ def image_lines(cfg: LlavaConfig, style: str) -> list[str]:
         f"             fewest: {r.band_fewest:,} at {_size(r.band_fewest_at)} among aspect ratios "
         f"up to {band}; {r.fewest:,}{alone} for strips like {_size(r.fewest_at)}",
         f"             common sizes: {common}",
+        *video_lines(cfg),
+    ]
+
+
+def video_lines(cfg: LlavaConfig) -> list[str]:
+    """`info`'s video line on video families: tokens per frame and at common frame counts."""
+    if not cfg.takes_video:
+        return []
+    per = cfg.video_tokens_per_frame
+    grid = cfg.vision.image_size // cfg.vision.patch_size
+    pooled = grid // cfg.spatial_pool_stride
+    counts = ", ".join(f"{n} frames {n * per:,}" for n in (8, 16, 32))
+    return [
+        f"video:       {per:,} visual tokens per frame ({grid}x{grid} patches, "
+        f"{cfg.spatial_pool_mode} pooled {cfg.spatial_pool_stride}x{cfg.spatial_pool_stride} "
+        f"to {pooled}x{pooled}); {counts}; video token index {cfg.video_token_index}",
     ]
 
 
@@ -126,7 +147,10 @@ def visual_summary(cfg: LlavaConfig) -> str:
     if not cfg.anyres:
         return f"{cfg.num_image_tokens} visual tokens"
     r = visual_range(anyres_spec(cfg))
-    return f"llava_next (anyres), {r.fewest:,}-{r.most:,} visual tokens per image (by size)"
+    out = f"{cfg.family} (anyres), {r.fewest:,}-{r.most:,} visual tokens per image (by size)"
+    if cfg.takes_video:
+        out += f", {cfg.video_tokens_per_frame:,} per video frame"
+    return out
 
 
 @dataclass(frozen=True)
