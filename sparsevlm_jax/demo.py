@@ -388,7 +388,7 @@ def run_model_demo(
     for i, q in enumerate(questions):
         echo(
             f"{q.text:<{width}}  {q.answer:<7}"
-            + "".join(f"{clip_text(answers[n][i].text.strip(), col - 1):>{col}}" for n in names)
+            + "".join(f"{clip_text(answers[n][i].text.strip(), col - 2):>{col}}" for n in names)
         )
     echo("")
     echo(f"{'method':<12}{'correct':>9}{'visual tokens':>15}{'prefill FLOPs':>15}{'KV cache':>10}")
