@@ -176,15 +176,23 @@ def image_format(path: str | os.PathLike) -> str:
 
 
 def save_atomic(img: Image.Image, path: str | os.PathLike) -> None:
-    """Writes `img` to a temporary sibling file, then renames it onto `path`."""
+    """Writes `img` to a temporary sibling file, then renames it onto `path` (a full disk
+    leaves neither: the OSError propagates, the temporary file is removed)."""
+    import io
+
     path = Path(path)
     fmt = image_format(path)
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    data = memoryview(buf.getvalue())
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            img.save(f, format=fmt)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            while data:
+                data = data[os.write(fd, data) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:

@@ -170,6 +170,15 @@ def test_eval_disk_full_then_resumed_after_freeing_space(work, disk):
     assert ids[: len(safe)] == safe and sorted(ids) == sorted(f"q{i}" for i in range(8))
 
 
+def test_visualize_on_a_full_disk_is_one_line(work, disk):
+    out = disk.dir / "kept.png"
+    proc = sparsevlm("visualize", "--model", str(work / "ckpt"), "--image", str(work / "a.png"),
+                     "--prompt", "What?", *SPARSE, "--out", str(out),
+                     extra_env=disk.env())  # fmt: skip
+    one_error_line(proc, f"{out}: No space left on device")
+    assert os.listdir(disk.dir) == []  # no picture, no temporary file
+
+
 def test_convert_refuses_early_without_the_room(work, disk):
     dst = disk.dir / "ckpt"
     proc = sparsevlm("convert", str(work / "hf"), str(dst), "--dtype", "float32", "--quiet",

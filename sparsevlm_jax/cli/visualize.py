@@ -24,7 +24,10 @@ def cmd_visualize(args: argparse.Namespace) -> int:
         picture = video_picture(image, pipe.processor, pipe.cfg, stats["layers"])
     else:
         picture = kept_picture(image, pipe.processor, pipe.cfg, stats["layers"])
-    save_atomic(picture, args.out)
+    from sparsevlm_jax.eval import environment_errors
+
+    with environment_errors(args.out):  # a full disk: one line, nothing written
+        save_atomic(picture, args.out)
     print(result.text)
     if isinstance(image, Video):
         print(f"video {image.source}: frames {list(image.indices)} of {image.total_frames}, "
