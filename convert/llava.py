@@ -1,4 +1,5 @@
-"""Convert a LLaVA-1.5 checkpoint (llava-hf, transformers 5, or original LLaVA + CLIP) to ours.
+"""Convert a LLaVA checkpoint (llava-hf, transformers 5, or original LLaVA + CLIP) to ours:
+LLaVA-1.5, LLaVA-NeXT, LLaVA-NeXT-Video, Video-LLaVA (two towers).
 
 The conversion runs in two passes over the source files:
 
@@ -99,12 +100,11 @@ def read_config(
     try:
         if is_original_llava(d):
             return _original_config(src, d, clip, embedded_vision)
-        if d.get("model_type") not in ("llava", "llava_next", "llava_next_video"):
+        if d.get("model_type") not in ("llava", "llava_next", "llava_next_video", "video_llava"):
             raise ConversionError(
                 f"{src / 'config.json'}: model_type {d.get('model_type')!r} is not supported "
-                "(expected 'llava', 'llava_next' or 'llava_next_video' from llava-hf/"
-                "transformers, or an original "
-                "LLaVA-1.5 / 1.6 config)"
+                "(expected 'llava', 'llava_next', 'llava_next_video' or 'video_llava' from "
+                "llava-hf/transformers, or an original LLaVA-1.5 / 1.6 config)"
             )
         if clip is not None:
             raise ConversionError(

@@ -11,6 +11,9 @@ Resolution is two-stage and ordered (first match wins):
      `model.multi_modal_projector.*`, `lm_head.*`);
    - original LLaVA-1.5: `model.*`, `lm_head.*`, `model.mm_projector.{0,2}.*` and optionally
      embedded CLIP weights `model.vision_tower.vision_tower.vision_model.*`.
+   Video-LLaVA's two towers: `image_tower.*` goes where `vision_tower.*` goes, `video_tower.*`
+   to the part "video_vision" (hub `*.vision_model.*`, `save_pretrained` without it,
+   in-memory `model.*_tower.*`).
    `CLIP_PREFIXES` covers a separate CLIP checkpoint (`CLIPModel` / `CLIPVisionModel`).
 2. A *body* rule of that part maps the rest of the name to a flat key of `params.flatten`
    (a template filled from the regex's named groups; the `layer` group picks the slot of a
@@ -44,6 +47,9 @@ MODEL_PREFIXES: tuple[tuple[str, str | None], ...] = (
     (r"model\.vision_tower\.vision_model\.", "vision"),  # transformers 4.x in-memory
     (r"model\.vision_tower\.", "vision"),  # transformers 5 in-memory
     (r"vision_tower\.", "vision"),  # transformers 5 save_pretrained
+    # Video-LLaVA: hub, transformers 4.x / 5 in-memory, transformers 5 save_pretrained
+    (r"(?:model\.)?image_tower\.(?:vision_model\.)?", "vision"),
+    (r"(?:model\.)?video_tower\.(?:vision_model\.)?", "video_vision"),
     (r"multi_modal_projector\.", "projector"),  # hub, save_pretrained
     (r"model\.multi_modal_projector\.", "projector"),  # transformers in-memory
     (r"model\.mm_projector\.", "projector"),  # original LLaVA
@@ -99,6 +105,10 @@ BODY_RULES: dict[str, tuple[tuple[str, str | None, str], ...]] = {
         (r"(?:linear_2|2)\.bias", "projector/linear_2/bias", COPY),
     ),
 }  # fmt: skip
+# Video-LLaVA's video tower: the vision rules into `video_vision/...`
+BODY_RULES["video_vision"] = tuple(
+    (body, key and "video_" + key, kind) for body, key, kind in BODY_RULES["vision"]
+)
 
 
 @dataclass(frozen=True)

@@ -136,8 +136,9 @@ class TextConfig:
         )
 
 
-FAMILIES = ("llava", "llava_next", "llava_next_video")
+FAMILIES = ("llava", "llava_next", "llava_next_video", "video_llava")
 ANYRES_FAMILIES = ("llava_next", "llava_next_video")
+VIDEO_FAMILIES = ("llava_next_video", "video_llava")
 POOL_MODES = ("average", "max")
 
 
@@ -151,7 +152,10 @@ class LlavaConfig:
     `image_newline` token per row; the visual count varies with the aspect ratio), or
     "llava_next_video" (LLaVA-NeXT-Video: images as LLaVA-NeXT; a video's frames each through
     the tower, its patch grid pooled `spatial_pool_stride` x `spatial_pool_stride`
-    (`spatial_pool_mode`), marked by `video_token_index`).
+    (`spatial_pool_mode`), marked by `video_token_index`), or "video_llava" (Video-LLaVA: two
+    CLIP towers of the same shape, `image_tower` for images (one tile, CLS dropped under the
+    "default" strategy: `num_image_tokens`) and `video_tower` for a video's frames (CLS always
+    kept: `video_tokens_per_frame` = patches + 1), one projector; no anyres).
     `image_token_index`: the id that marks the image in the token sequence (llava-hf: 32000,
     expanded to the image's visual-token count; original LLaVA: -200, a single placeholder).
     `param_dtype` is the dtype weights are stored in, `dtype` the compute dtype.
@@ -181,6 +185,13 @@ class LlavaConfig:
         if self.takes_video:
             if self.video_token_index is None:
                 raise ConfigError(f"a {self.family} config needs video_token_index")
+            if self.video_token_index == self.image_token_index or self.image_token_index < 0:
+                raise ConfigError(
+                    f"a {self.family} config needs distinct non-negative image and video token "
+                    f"ids, got image_token_index {self.image_token_index} and "
+                    f"video_token_index {self.video_token_index}"
+                )
+        if self.family == "llava_next_video":
             if self.spatial_pool_mode not in POOL_MODES:
                 raise ConfigError(
                     f"spatial_pool_mode {self.spatial_pool_mode!r} is not supported "
@@ -220,11 +231,26 @@ class LlavaConfig:
 
     @property
     def takes_video(self) -> bool:
-        return self.family == "llava_next_video"
+        return self.family in VIDEO_FAMILIES
+
+    @property
+    def variable_visual(self) -> bool:
+        """Visual counts vary per example (anyres images, videos, an image and / or a video in
+        one prompt): batches carry a host-built `Batch.visual_index` into a per-example
+        feature table (`model.llava.VISUAL_TOKENS`)."""
+        return self.anyres or self.takes_video
+
+    @property
+    def separate_video_tower(self) -> bool:
+        """Frames run through a tower of their own (`params["video_vision"]`: Video-LLaVA)."""
+        return self.family == "video_llava"
 
     @property
     def video_tokens_per_frame(self) -> int:
-        """Visual tokens of one video frame: the pooled patch grid (144 on LLaVA-NeXT-Video)."""
+        """Visual tokens of one video frame: the pooled patch grid (144 on LLaVA-NeXT-Video),
+        or the video tower's patches plus its class token (257 on Video-LLaVA)."""
+        if self.family == "video_llava":
+            return self.vision.num_patches + 1
         grid = self.vision.image_size // self.vision.patch_size // self.spatial_pool_stride
         return grid * grid
 
@@ -261,7 +287,7 @@ class LlavaConfig:
         if not isinstance(layer, int):
             raise ConfigError(f"vision_feature_layer must be one int, got {layer!r}")
         model_type = d.get("model_type")
-        family = model_type if model_type in ANYRES_FAMILIES else "llava"
+        family = model_type if model_type in FAMILIES else "llava"
         pinpoints = d.get("image_grid_pinpoints") or ()
         kw: dict[str, Any] = dict(
             family=family,
@@ -282,6 +308,8 @@ class LlavaConfig:
                 spatial_pool_stride=int(d.get("spatial_pool_stride", 2)),
                 spatial_pool_mode=d.get("spatial_pool_mode", "average"),
             )
+        elif family == "video_llava":
+            kw.update(video_token_index=d.get("video_token_index", d.get("video_token_id", 32001)))
         kw.update(overrides)
         return cls(**kw)
 

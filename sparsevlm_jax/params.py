@@ -24,6 +24,8 @@ from it. The tree is a nested dict of arrays:
     text/norm/scale                       [D]
     text/lm_head                          [D, Vocab]   (absent when tie_word_embeddings)
     image_newline                         [D]          (LLaVA-NeXT only)
+    video_vision/...                      (Video-LLaVA only) the video tower, the same tree as
+                                          vision/ (which is then its image tower)
 
 Kernels are stored `[in, out]` (HF Linear weights transposed); the vision tower keeps all of
 CLIP's layers (only `cfg.vision_layers_used` run) and drops `post_layernorm`, which LLaVA never
@@ -101,6 +103,8 @@ def param_shapes(cfg: LlavaConfig) -> Params:
     if not t.tie_word_embeddings:
         text["lm_head"] = (d, t.vocab_size)
     out = {"vision": vision, "projector": projector, "text": text}
+    if cfg.separate_video_tower:  # Video-LLaVA: frames through a tower of the same shape
+        out["video_vision"] = jax.tree.map(lambda s: s, vision, is_leaf=_is_shape)
     if cfg.anyres:
         out["image_newline"] = (d,)  # LLaVA-NeXT's learned end-of-row token
     return out

@@ -127,9 +127,9 @@ def abstract_batch(
     the pixels are then `tiles` tower inputs per example, default `max_tiles`; a video's
     frames are tower inputs too)."""
     s, c = cfg.vision.image_size, cfg.vision.num_channels
-    if cfg.anyres:
+    if cfg.variable_visual:  # a visual index: anyres images, videos
         if visual is None:
-            raise ValueError("a llava_next batch needs its visual slot count")
+            raise ValueError(f"a {cfg.family} batch needs its visual slot count")
         n = tiles if tiles is not None else cfg.max_tiles
         pixels = jax.ShapeDtypeStruct((batch, n, s, s, c), jnp.float32)
         index = jax.ShapeDtypeStruct((batch, visual), jnp.int32)

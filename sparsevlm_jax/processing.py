@@ -5,7 +5,9 @@ Images (`sparsevlm_jax.images`, re-exported here): `load_image` (RGB, one-line
 colour, then CLIP's resize / centre crop / normalise; "crop": the plain CLIP processor, as
 llava-hf ships it). Output is channels last, [H, W, 3].
 LLaVA-NeXT checkpoints ("anyres") go through `sparsevlm_jax.anyres` instead: tiles, plus a
-per-image visual index that says how the model packs their features.
+per-image visual index that says how the model packs their features. Video families (LLaVA-NeXT-
+Video, Video-LLaVA) take `sparsevlm_jax.video.Video`s too: each frame one tower input, "crop"
+preprocessed; their examples always carry a visual index (`Processor._several_images`).
 
 Prompts: `build_prompt` reproduces LLaVA's conversation templates (`vicuna_v1`, `llava_v1`) and
 llava-hf's system-less one (`llava_hf`).
@@ -255,6 +257,7 @@ class Processor:
         max_tiles: int = 1,
         video_token_index: int | None = None,
         video_pool_stride: int = 2,
+        video_tokens_per_frame: int | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.anyres = anyres  # LLaVA-NeXT: tiles + packed visual index (`sparsevlm_jax.anyres`)
@@ -269,9 +272,12 @@ class Processor:
             raise InputError(f"image mode must be 'pad' or 'crop', got {image_mode!r}")
         self.image_mode: ImageMode = image_mode
         self.buckets = buckets if buckets is not None else Buckets()
-        # LLaVA-NeXT-Video: "<video>"'s id, and the pooling of a frame's patch grid
+        # Video families: "<video>"'s id, and a frame's visual tokens (LLaVA-NeXT-Video: its
+        # patch grid pooled `video_pool_stride` x `video_pool_stride`; Video-LLaVA: the video
+        # tower's patches + CLS, `video_tokens_per_frame`)
         self.video_token_index = video_token_index
         self.video_pool_stride = int(video_pool_stride)
+        self.video_tokens_per_frame = video_tokens_per_frame
         if video_token_index is not None:
             tid = tokenizer.convert_tokens_to_ids(VIDEO_PLACEHOLDER)
             if tid != video_token_index:
@@ -286,6 +292,11 @@ class Processor:
                     f"the tokenizer's {IMAGE_PLACEHOLDER} token has id {tid}, but the model's "
                     f"image_token_index is {self.image_token_index}"
                 )
+
+    @property
+    def variable(self) -> bool:
+        """Examples carry a visual index (anyres images, or a video family's items)."""
+        return self.anyres is not None or self.video_token_index is not None
 
     @property
     def style(self) -> Literal["placeholder", "expand"]:
@@ -327,7 +338,10 @@ class Processor:
         if config.takes_video:
             kw["video_token_index"] = config.video_token_index
             kw["video_pool_stride"] = config.spatial_pool_stride
-        elif aspect not in (None, "pad"):
+            kw["video_tokens_per_frame"] = config.video_tokens_per_frame
+        if config.family == "video_llava":  # VideoLlavaImageProcessor: CLIP's resize + crop
+            kw["image_mode"] = "crop"
+        elif not config.takes_video and aspect not in (None, "pad"):
             kw["image_mode"] = "crop"
         kw.update(overrides)
         if "tokenizer" not in kw:
@@ -351,11 +365,11 @@ class Processor:
         """[prefix_ids, text between items 1 and 2, ..., text_ids] for a prompt about
         `num_images` visual items (`num_images + 1` lists), marked by `placeholders`
         (default all images; `<video>` for a video)."""
-        if num_images > 1 and self.anyres is None:
+        if num_images > 1 and not self.variable:
             raise InputError("this model takes one image per prompt (several need LLaVA-NeXT)")
         if placeholders is not None and VIDEO_PLACEHOLDER in placeholders:
             if self.video_token_index is None:
-                raise InputError("this model takes no video (LLaVA-NeXT-Video does)")
+                raise InputError("this model takes no video (LLaVA-NeXT-Video and Video-LLaVA do)")
         prompt = self.template.prompt(question, num_images, placeholders)
         markers = [self.image_token_index]
         if self.video_token_index is not None:
@@ -413,7 +427,8 @@ class Processor:
                 f"need the same non-zero number of images and questions, "
                 f"got {len(images)} and {len(questions)}"
             )
-        if any(isinstance(im, list | tuple | Video) for im in images):
+        several = any(isinstance(im, list | tuple | Video) for im in images)
+        if several or (self.variable and self.anyres is None):  # Video-LLaVA: always indexed
             return self._several_images(images, questions)
         encoded = [self.encode(q) for q in questions]
         pixels, index = self.visual_inputs(images)
@@ -427,7 +442,7 @@ class Processor:
     def frame_pixels(self, video: Video) -> np.ndarray:
         """A video's frames -> [frames, image_size, image_size, 3] float32: each resized
         (shortest edge) and centre-cropped to the tower's size, then normalised, as
-        LLaVA-NeXT-Video's video processor does."""
+        LLaVA-NeXT-Video's and Video-LLaVA's video processors do."""
         return np.stack(
             [
                 preprocess_image(f, self.image_size, self.image_mean, self.image_std, "crop")
@@ -443,10 +458,12 @@ class Processor:
         """Examples with any number of visual items each (images, videos): visual spans with
         the text between them kept in place (`sparsevlm_jax.batch`, "several visual spans").
 
-        An image takes `max_tiles` tower inputs (its anyres tiles), a video one per frame; the
-        example's feature table lists every input's patches, then (video families) every
-        input's pooled grid, which a video's slots point at (`model.llava_next`)."""
-        if self.anyres is None:
+        An image takes `max_tiles` tower inputs (its anyres tiles; one without anyres), a video
+        one per frame; the example's feature table lists every input's image features, then
+        (video families) every input's video features (LLaVA-NeXT-Video: the pooled grid,
+        `model.llava_next`; Video-LLaVA: the video tower's, `model.video_llava`), which a
+        video's slots point at."""
+        if not self.variable:
             raise InputError("this model takes one image per prompt (several need LLaVA-NeXT)")
         per = [list(im) if isinstance(im, list | tuple) else [im] for im in images]
         if any(not items for items in per):
@@ -458,8 +475,15 @@ class Processor:
         sizes = [[len(it.frames) if isinstance(it, Video) else self.max_tiles for it in row]
                  for row in items]  # fmt: skip
         tile_cap = max(sum(row) for row in sizes)
-        feats = self.anyres.patches_per_side**2  # table rows per tile ("default" strategy)
-        pooled = (self.anyres.patches_per_side // self.video_pool_stride) ** 2
+        if self.anyres is not None:
+            feats = self.anyres.patches_per_side**2  # table rows per tile ("default" strategy)
+        else:
+            feats = self.num_image_tokens  # one tile: its features as the model splices them
+        pooled = self.video_tokens_per_frame  # table rows per frame
+        if pooled is None and self.anyres is not None:
+            pooled = (self.anyres.patches_per_side // self.video_pool_stride) ** 2
+        if pooled is None and any(isinstance(it, Video) for row in items for it in row):
+            raise InputError("this processor has no video_tokens_per_frame for a video")
         s = self.image_size
         pixels = np.zeros((len(per), tile_cap, s, s, 3), np.float32)
         prefixes, texts, index, ids = [], [], [], []
@@ -474,8 +498,11 @@ class Processor:
             for j, (it, size) in enumerate(zip(row, sizes[i], strict=True)):
                 if isinstance(it, Video):
                     tiles = self.frame_pixels(it)
-                    # frame t's pooled grid: rows tile_cap*F + (start+t)*P + p of the table
+                    # frame t's features: rows tile_cap*F + (start+t)*P + p of the table
                     idx = tile_cap * feats + start * pooled + np.arange(len(tiles) * pooled)
+                elif self.anyres is None:  # one tile: its F rows, as the model splices them
+                    tiles = self.pixel_values([it])
+                    idx = start * feats + np.arange(feats)
                 else:
                     tiles, idx = self._tiles(it, start * feats)
                 pixels[i, start : start + len(tiles)] = tiles

@@ -227,3 +227,73 @@ def save_tiny_llava_next_video(model, out_dir: str | Path) -> Path:
     tok.save_pretrained(out)
     assert tok.convert_tokens_to_ids("<video>") == VIDEO_TOKEN
     return out
+
+
+# --- Video-LLaVA -----------------------------------------------------------------------------
+
+
+def tiny_video_llava(
+    num_layers: int = 4,
+    hidden: int = 64,
+    heads: int = 4,
+    kv_heads: int = 2,
+    seed: int = 0,
+    qk_std: float | None = None,
+    embed_std: float | None = None,
+    projector_std: float | None = None,
+    vo_std: float | None = None,
+):
+    """A tiny random `VideoLlavaForConditionalGeneration` in float32, eval mode: two CLIP
+    towers (image, video) of 56 px, patch 14 (16 image tokens with CLS dropped, 17 per frame
+    with CLS kept), `<image>` = `IMAGE_TOKEN`, `<video>` = `VIDEO_TOKEN`. qk_std / embed_std /
+    projector_std as in `tiny_llava`; vo_std redraws the decoder's v / o projections (at the
+    0.02 init, attention adds so little to the residual that greedy tokens barely depend on
+    the visual input)."""
+    import torch
+    import transformers
+
+    vision = transformers.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        image_size=56, patch_size=14, projection_dim=16,
+    )  # fmt: skip
+    text = transformers.LlamaConfig(
+        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=num_layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=VOCAB,
+        eos_token_id=2, bos_token_id=1,
+    )  # fmt: skip
+    cfg = transformers.VideoLlavaConfig(
+        vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN,
+        video_token_index=VIDEO_TOKEN, image_seq_length=16, video_seq_length=8 * 17,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = transformers.VideoLlavaForConditionalGeneration(cfg).eval()
+    if vo_std is not None:
+        gen = torch.Generator().manual_seed(seed + 4)
+        with torch.no_grad():
+            for layer in model.model.language_model.layers:
+                for proj in (layer.self_attn.v_proj, layer.self_attn.o_proj):
+                    proj.weight.copy_(torch.randn(proj.weight.shape, generator=gen) * vo_std)
+    return redraw_weights(model, seed, qk_std, embed_std, projector_std)
+
+
+def video_llava_image_processor():
+    """transformers' VideoLlavaImageProcessor for `tiny_video_llava` (56 px, CLIP mean / std)."""
+    import transformers
+
+    return transformers.VideoLlavaImageProcessor(
+        size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56}
+    )
+
+
+def save_tiny_video_llava(model, out_dir: str | Path) -> Path:
+    """`save_tiny_llava` plus the image processor's preprocessor_config.json, with `<video>`
+    (id `VIDEO_TOKEN`) added to the tokenizer."""
+    from transformers import AddedToken, AutoTokenizer
+
+    out = save_tiny_llava(model, out_dir)
+    video_llava_image_processor().save_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    tok.add_tokens([AddedToken("<video>", special=True, normalized=False)], special_tokens=True)
+    tok.save_pretrained(out)
+    assert tok.convert_tokens_to_ids("<video>") == VIDEO_TOKEN
+    return out

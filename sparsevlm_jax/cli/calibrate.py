@@ -84,7 +84,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     questions = ev.read_questions(args.questions)[: args.examples]
     ev.check_images(questions, args.image_folder)
     cfg = model_config(path, args.clip)
-    variable = cfg.anyres
+    variable = cfg.variable_visual
     configs = v1_configs(args, cfg.text.num_hidden_layers, cfg.num_image_tokens, variable)
     processor = make_processor(args, path, cfg)
     size = min(args.batch_size, len(questions))

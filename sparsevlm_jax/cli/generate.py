@@ -121,7 +121,9 @@ def frame_map(pipe: Any, items: list[Any]) -> list[int | None]:
     per_frame = pipe.cfg.video_tokens_per_frame
     for it in items:
         if isinstance(it, Image.Image):
-            out += [None] * num_visual_tokens((it.height, it.width), pipe.processor.anyres)
+            spec = pipe.processor.anyres  # None: one tile, `num_image_tokens`
+            n = num_visual_tokens(it.size[::-1], spec) if spec else pipe.cfg.num_image_tokens
+            out += [None] * n
         else:
             for _ in it.frames:
                 out += [frame] * per_frame

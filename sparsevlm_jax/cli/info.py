@@ -94,8 +94,15 @@ def image_lines(cfg: LlavaConfig, style: str) -> list[str]:
     """`info`'s family and image lines: LLaVA-1.5's one count, or LLaVA-NeXT's pinpoints,
     the range of counts over image sizes (and the sizes giving the extremes), common sizes."""
     index = f"image token index {cfg.image_token_index} ({style})"
-    if not cfg.anyres:  # LLaVA-1.5: one tile, one count
-        return [f"image:       {cfg.num_image_tokens} visual tokens per image, {index}"]
+    if not cfg.anyres:  # LLaVA-1.5 (and Video-LLaVA's image tower): one tile, one count
+        family = []
+        if cfg.family == "video_llava":
+            family = ["family:      video_llava (Video-LLaVA): an image tower and a video tower"]
+        return [
+            *family,
+            f"image:       {cfg.num_image_tokens} visual tokens per image, {index}",
+            *video_lines(cfg),
+        ]
     spec = anyres_spec(cfg)
     r = visual_range(spec)
     t, pps = spec.tile_size, spec.patches_per_side
@@ -134,6 +141,11 @@ def video_lines(cfg: LlavaConfig) -> list[str]:
     grid = cfg.vision.image_size // cfg.vision.patch_size
     pooled = grid // cfg.spatial_pool_stride
     counts = ", ".join(f"{n} frames {n * per:,}" for n in (8, 16, 32))
+    if cfg.separate_video_tower:  # Video-LLaVA: every patch and the class token of a frame
+        return [
+            f"video:       {per:,} visual tokens per frame ({grid}x{grid} patches + the class "
+            f"token, video tower); {counts}; video token index {cfg.video_token_index}",
+        ]
     return [
         f"video:       {per:,} visual tokens per frame ({grid}x{grid} patches, "
         f"{cfg.spatial_pool_mode} pooled {cfg.spatial_pool_stride}x{cfg.spatial_pool_stride} "
@@ -145,7 +157,10 @@ def visual_summary(cfg: LlavaConfig) -> str:
     """The visual tokens for `convert`'s summary line: "16 visual tokens", or on LLaVA-NeXT
     "llava_next (anyres), 16-88 visual tokens per image (by size)"."""
     if not cfg.anyres:
-        return f"{cfg.num_image_tokens} visual tokens"
+        out = f"{cfg.num_image_tokens} visual tokens"
+        if cfg.takes_video:
+            out += f" per image, {cfg.video_tokens_per_frame:,} per video frame"
+        return out
     r = visual_range(anyres_spec(cfg))
     out = f"{cfg.family} (anyres), {r.fewest:,}-{r.most:,} visual tokens per image (by size)"
     if cfg.takes_video:

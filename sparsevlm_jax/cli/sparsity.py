@@ -143,7 +143,7 @@ def sparse_from_args(
     budget = None if args.scale is not None else args.budget
     if budget is None and args.scale is None:
         budget = DEFAULT_BUDGET
-    variable = cfg.anyres
+    variable = cfg.variable_visual
     if budget is not None:
         check_budget(method, budget, num_visual, variable)
     capacity = parse_capacity(args.capacity, num_visual)

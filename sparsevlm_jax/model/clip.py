@@ -81,13 +81,20 @@ def project(params: dict[str, Any], x: Array) -> Array:
     return linear(activation("gelu", linear(x, pp["linear_1"])), pp["linear_2"])
 
 
-def tower_features(params: dict[str, Any], cfg: LlavaConfig, pixel_values: Array) -> Array:
+def tower_features(
+    params: dict[str, Any],
+    cfg: LlavaConfig,
+    pixel_values: Array,
+    tower: str = "vision",
+    keep_cls: bool = False,
+) -> Array:
     """The selected layer's tower features [B, num_image_tokens, D_vision] (CLS dropped under
-    the "default" strategy), before the projector.
+    the "default" strategy unless `keep_cls`), before the projector.
 
-    pixel_values [B, H, W, C] (normalised, channels last).
+    pixel_values [B, H, W, C] (normalised, channels last). `tower`: the params subtree to run
+    ("vision"; Video-LLaVA's video tower "video_vision", same shape, whose features keep CLS).
     """
-    vp, vc = params["vision"], cfg.vision
+    vp, vc = params[tower], cfg.vision
     dtype = jnp.dtype(cfg.dtype)
     x = patch_embed(vp, vc, pixel_values.astype(dtype))
     cls = jnp.broadcast_to(vp["class_embedding"].astype(dtype), (x.shape[0], 1, x.shape[-1]))
@@ -99,6 +106,6 @@ def tower_features(params: dict[str, Any], cfg: LlavaConfig, pixel_values: Array
         return encoder_layer(layer_params(vp["layers"], i), vc, x), None
 
     x, _ = jax.lax.scan(body, x, jnp.arange(n), unroll=n if cfg.unroll_layers else 1)
-    if cfg.vision_feature_select_strategy == "default":
+    if cfg.vision_feature_select_strategy == "default" and not keep_cls:
         x = x[:, 1:]
     return x

@@ -24,7 +24,7 @@ from flax import struct
 
 from sparsevlm_jax.batch import Batch
 from sparsevlm_jax.config import LlavaConfig
-from sparsevlm_jax.model import llama, llava_next
+from sparsevlm_jax.model import llama, llava_next, video_llava
 from sparsevlm_jax.model.clip import image_features
 from sparsevlm_jax.model.sequence import (
     SeqState,
@@ -95,6 +95,7 @@ class KVCache:
 VISUAL_TOKENS: dict[str, Callable[..., Array]] = {
     "llava_next": llava_next.visual_tokens,
     "llava_next_video": llava_next.visual_tokens,
+    "video_llava": video_llava.visual_tokens,
 }
 
 
