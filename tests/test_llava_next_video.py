@@ -72,7 +72,9 @@ def write_mp4(path: Path, frames: np.ndarray) -> None:
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     d = tmp_path_factory.mktemp("next-video")
-    model = tiny_llava_next(num_layers=6, qk_std=0.3, embed_std=1.0, projector_std=0.5, video=True)
+    model = tiny_llava_next(
+        num_layers=6, qk_std=0.3, embed_std=1.0, projector_std=0.5, vo_std=0.3, video=True
+    )
     save_tiny_llava_next_video(model, d / "hf")
     rng = np.random.default_rng(0)
     # Smooth frames (a coarse random pattern upsampled) survive lossy coding as distinct frames.
@@ -80,8 +82,10 @@ def work(tmp_path_factory):
     frames = coarse.repeat(8, axis=1).repeat(8, axis=2)
     write_mp4(d / "clip.mp4", frames)
     (d / "frames").mkdir()
+    (d / "reversed").mkdir()
     for i, f in enumerate(frames):
         Image.fromarray(f).save(d / "frames" / f"frame_{i}.png")
+        Image.fromarray(f).save(d / "reversed" / f"frame_{len(frames) - 1 - i}.png")
     Image.fromarray(rng.integers(0, 255, (100, 300, 3), dtype=np.uint8)).save(d / "img.png")
     r = sparsevlm("convert", d / "hf", d / "ckpt", "--dtype", "float32")
     assert r.returncode == 0, r.stderr
@@ -161,7 +165,14 @@ def test_sampled_frames_are_transformers_rule(work):
     )
 
 
-@pytest.mark.parametrize("source", ["clip.mp4", "frames"])
+def test_the_answer_depends_on_the_video(work):
+    """Not blind: other frames give transformers other greedy tokens (so the parity below
+    checks the visual path, not only the text)."""
+    reversed_dir = work.dir / "reversed"
+    assert hf_greedy(work, video=work.dir / "frames") != hf_greedy(work, video=reversed_dir)
+
+
+@pytest.mark.parametrize("source", ["clip.mp4", "frames", "reversed"])
 def test_video_gives_transformers_greedy_tokens(work, source):
     path = work.dir / source
     tokens = ours(work, "--video", path, "--frames", FRAMES, "--prompt", QUESTION)

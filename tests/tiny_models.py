@@ -69,10 +69,19 @@ def tiny_llava(
     return redraw_weights(model, seed, qk_std, embed_std, projector_std)
 
 
-def redraw_weights(model, seed: int, qk_std=None, embed_std=None, projector_std=None):
-    """Redraws a transformers LLaVA's decoder q/k projections, token embeddings and projector
-    weights at the given stds (None: keep them), seeded; returns the model."""
+def redraw_weights(model, seed: int, qk_std=None, embed_std=None, projector_std=None, vo_std=None):
+    """Redraws a transformers LLaVA's decoder q/k projections, token embeddings, projector
+    weights and decoder v/o projections at the given stds (None: keep them), seeded; returns
+    the model. (At the 0.02 init attention adds so little to the residual stream that greedy
+    tokens barely depend on the visual input: vo_std makes them.)"""
     import torch
+
+    if vo_std is not None:
+        gen = torch.Generator().manual_seed(seed + 4)
+        with torch.no_grad():
+            for layer in model.model.language_model.layers:
+                for proj in (layer.self_attn.v_proj, layer.self_attn.o_proj):
+                    proj.weight.copy_(torch.randn(proj.weight.shape, generator=gen) * vo_std)
 
     if qk_std is not None:
         gen = torch.Generator().manual_seed(seed + 1)
@@ -159,12 +168,14 @@ def tiny_llava_next(
     embed_std: float | None = None,
     projector_std: float | None = None,
     video: bool = False,
+    vo_std: float | None = None,
 ):
     """A tiny random `LlavaNextForConditionalGeneration` in float32, eval mode (tile 56 px,
     patch 14, `NEXT_PINPOINTS`); `decoder` "mistral" gives a Mistral text model with a
     sliding window of 256 tokens. qk_std / embed_std / projector_std as in `tiny_llava`.
     `video`: a `LlavaNextVideoForConditionalGeneration` instead (`<video>` = `VIDEO_TOKEN`,
-    2x2 average pooling: 4 tokens a frame, linear RoPE scaling by 2)."""
+    2x2 average pooling: 4 tokens a frame, linear RoPE scaling by 2). vo_std as in
+    `redraw_weights`."""
     import torch
     import transformers
 
@@ -195,7 +206,7 @@ def tiny_llava_next(
     gen = torch.Generator().manual_seed(seed + 3)
     with torch.no_grad():  # a visible newline token (init is zeros-ish otherwise)
         model.model.image_newline.copy_(torch.randn(model.model.image_newline.shape, generator=gen))
-    return redraw_weights(model, seed, qk_std, embed_std, projector_std)
+    return redraw_weights(model, seed, qk_std, embed_std, projector_std, vo_std)
 
 
 def next_image_processor():
@@ -267,13 +278,7 @@ def tiny_video_llava(
     )  # fmt: skip
     torch.manual_seed(seed)
     model = transformers.VideoLlavaForConditionalGeneration(cfg).eval()
-    if vo_std is not None:
-        gen = torch.Generator().manual_seed(seed + 4)
-        with torch.no_grad():
-            for layer in model.model.language_model.layers:
-                for proj in (layer.self_attn.v_proj, layer.self_attn.o_proj):
-                    proj.weight.copy_(torch.randn(proj.weight.shape, generator=gen) * vo_std)
-    return redraw_weights(model, seed, qk_std, embed_std, projector_std)
+    return redraw_weights(model, seed, qk_std, embed_std, projector_std, vo_std)
 
 
 def video_llava_image_processor():
