@@ -87,6 +87,14 @@ def mini_next_video(dtype: str = "float32") -> LlavaConfig:
     return _video(mini_next(dtype))
 
 
+def video_llava_7b(dtype: str = "bfloat16") -> LlavaConfig:
+    """Video-LLaVA-7B (LanguageBind/Video-LLaVA-7B-hf): two ViT-L/14 towers at 224 px (256
+    tokens an image, 257 a frame: 2,056 for 8 frames), Vicuna-7B."""
+    vision = dataclasses.replace(CLIP_L_336, image_size=224)
+    cfg = llava_1_5_7b(dtype).replace(vision=vision)
+    return cfg.replace(family="video_llava", image_token_index=32000, video_token_index=32001)
+
+
 SHAPES = {
     "llava-1.5-7b": llava_1_5_7b,
     "llava-1.5-13b": llava_1_5_13b,
@@ -95,6 +103,7 @@ SHAPES = {
     "mini-next": mini_next,
     "llava-next-video-7b": llava_next_video_7b,
     "mini-next-video": mini_next_video,
+    "video-llava-7b": video_llava_7b,
 }
 
 

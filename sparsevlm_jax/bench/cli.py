@@ -133,7 +133,7 @@ def workload_from_args(args: argparse.Namespace) -> Workload:
         dtype = "bfloat16"  # the KV-cache bytes of the real model
     cfg = SHAPES[args.shape](dtype)
     images, name = (), ""
-    if cfg.anyres:
+    if cfg.variable_visual:
         name, images = next(iter(image_sets_from_args(args).items()))
     return Workload(
         shape=args.shape,
@@ -235,7 +235,7 @@ def run(
     if args.prefix_tokens < 1 or args.text_tokens < 1:
         print(f"{PROG}: error: prompt token counts must be >= 1", file=sys.stderr)
         return 2
-    variable = SHAPES[args.shape]().anyres
+    variable = SHAPES[args.shape]().variable_visual
     try:
         method_list(split_list(args.methods), variable, SHAPES[args.shape]().takes_video)
         sets = image_sets_from_args(args) if variable else None

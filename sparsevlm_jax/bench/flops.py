@@ -24,7 +24,7 @@ FLOPs (SPEC §8, "FLOPs = 2 x MACs, MACs/layer = 4nd^2 + 2n^2d + 3ndm"):
     their counts from V0 alone (`expected_counts`: exact); v1's rank needs weights, so
     without them it keeps `V1_STATIC_SHAPES_7B`'s counts (its rule is absolute). The vision
     side subtracted is the tower on every tile plus the packing gather
-    (`llava_next.visual_tokens`).
+    (`model.llava.VISUAL_TOKENS` of the family).
 """
 
 from __future__ import annotations
@@ -43,9 +43,9 @@ from sparsevlm_jax.bench.counts import expected_counts
 from sparsevlm_jax.bench.workloads import Workload
 from sparsevlm_jax.config import LlavaConfig
 from sparsevlm_jax.flops import prefill_flops
-from sparsevlm_jax.model import llama, llava_next
+from sparsevlm_jax.model import llama
 from sparsevlm_jax.model.clip import image_features
-from sparsevlm_jax.model.llava import KVCache, stage_bounds
+from sparsevlm_jax.model.llava import VISUAL_TOKENS, KVCache, stage_bounds
 from sparsevlm_jax.params import abstract_params
 from sparsevlm_jax.prefill import prefill_jit
 from sparsevlm_jax.presets import abstract_batch
@@ -224,7 +224,7 @@ def xla_vision_cost(wl: Workload, compile_: bool) -> dict[str, float]:
     cfg = count_config(wl)
     params, batch = abstract_inputs(wl, cfg)
     if wl.variable:
-        fn = jax.jit(llava_next.visual_tokens, static_argnums=1)
+        fn = jax.jit(VISUAL_TOKENS[cfg.family], static_argnums=1)
         return _cost(fn.lower(params, cfg, batch.pixel_values, batch.visual_index), compile_)
     fn = jax.jit(image_features, static_argnums=1)
     return _cost(fn.lower(params, cfg, batch.pixel_values), compile_)

@@ -125,7 +125,7 @@ class Workload:
     @property
     def variable(self) -> bool:
         """Whether visual counts vary per example (LLaVA-NeXT, LLaVA-NeXT-Video)."""
-        return self.cfg.anyres
+        return self.cfg.variable_visual
 
     @property
     def batch(self) -> int:
@@ -139,10 +139,12 @@ class Workload:
         from sparsevlm_jax.anyres import num_visual_tokens
         from sparsevlm_jax.presets import anyres_spec
 
-        spec = anyres_spec(self.cfg)
+        spec = anyres_spec(self.cfg) if self.cfg.anyres else None
         per_frame = self.cfg.video_tokens_per_frame if self.cfg.takes_video else 0
         return [
-            hw[1] * per_frame if hw[0] == VIDEO else num_visual_tokens(hw, spec)
+            hw[1] * per_frame
+            if hw[0] == VIDEO
+            else (num_visual_tokens(hw, spec) if spec else self.cfg.num_image_tokens)
             for hw in self.images
         ]
 
@@ -298,11 +300,11 @@ def bench_sparse_config(
     """
     if method == AUTHORS_VIDEO:
         sparse = authors_video_config()
-    elif cfg.anyres:
+    elif cfg.variable_visual:
         sparse = named_sparse_config(
             method, budget, cfg.text.num_hidden_layers, variable_visual=True
         )
-    if cfg.anyres or method == AUTHORS_VIDEO:
+    if cfg.variable_visual or method == AUTHORS_VIDEO:
         if not static or not sparse.enabled:
             return sparse
         from sparsevlm_jax.bench.counts import static_capacities
@@ -361,7 +363,9 @@ def next_inputs(wl: Workload, seed: int = 0) -> tuple[np.ndarray, list[np.ndarra
     from sparsevlm_jax.anyres import anyres_grid, packed_indices
     from sparsevlm_jax.presets import anyres_spec
 
-    spec, cfg = anyres_spec(wl.cfg), wl.cfg
+    cfg = wl.cfg
+    spec = anyres_spec(cfg) if cfg.anyres else None
+    feats = cfg.vision.num_patches  # table rows per tower input ("default" strategy)
     s, c = cfg.vision.image_size, cfg.vision.num_channels
     rng = np.random.default_rng(seed)
     cap = wl.tiles
@@ -371,7 +375,10 @@ def next_inputs(wl: Workload, seed: int = 0) -> tuple[np.ndarray, list[np.ndarra
         if hw[0] == VIDEO:
             per = cfg.video_tokens_per_frame
             tiles.append(hw[1])
-            index.append(cap * spec.patches_per_side**2 + np.arange(hw[1] * per, dtype=np.int32))
+            index.append(cap * feats + np.arange(hw[1] * per, dtype=np.int32))
+        elif spec is None:  # one tower input, its features in order
+            tiles.append(1)
+            index.append(np.arange(cfg.num_image_tokens, dtype=np.int32))
         else:
             rows, cols = anyres_grid(hw, spec)
             tiles.append(1 + rows * cols)
