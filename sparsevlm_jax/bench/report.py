@@ -184,19 +184,22 @@ def markdown_targets(targets: list[dict[str, Any]]) -> list[str]:
 
 def image_set_line(w: dict[str, Any]) -> str:
     """One line on a LLaVA-NeXT workload: its images, visual counts and slots."""
-    images = ", ".join(f"{h}×{wd}" for h, wd in w["images"])
+    images = ", ".join(
+        f"a video of {wd} frames" if h == 0 else f"{h}×{wd}" for h, wd in w["images"]
+    )
+    images += ", height × width" if any(h for h, _ in w["images"]) else ""
     counts = ", ".join(map(str, w["visual_counts"]))
     ladder = f"visual ladder: {w['visual_ladder_steps_per_octave']} steps per octave"
     prompt = f"prompt buckets {w['prefix_bucket']} + {w['text_bucket']}"
     if w.get("separate_batches"):
         slots = ", ".join(map(str, w["visual_slots"]))
         return (
-            f"Each image its own batch of 1 ({images}, height × width): V0 = {counts} visual "
+            f"Each image its own batch of 1 ({images}): V0 = {counts} visual "
             f"tokens, padded to {slots} slots ({ladder}); {prompt}. FLOPs and KV bytes are "
             "the sums over the images; static capacities per image, separated by /."
         )
     return (
-        f"Batch of {w['batch']} ({images}, height × width): V0 = {counts} visual tokens, "
+        f"Batch of {w['batch']} ({images}): V0 = {counts} visual tokens, "
         f"every row padded to {w['visual_slots']} slots ({ladder}); {prompt}."
     )
 
