@@ -74,7 +74,8 @@ def _video(cfg: LlavaConfig) -> LlavaConfig:
     """LLaVA-NeXT-Video on a LLaVA-NeXT shape: `<video>` after `<image>`, 2x2 average pooling
     (144 tokens a 336-px frame), the hub's linear RoPE scaling by 2."""
     text = dataclasses.replace(cfg.text, rope_scaling=(("factor", 2.0), ("rope_type", "linear")))
-    return cfg.replace(family="llava_next_video", video_token_index=32001, text=text)
+    video = 32001 if text.vocab_size > 32001 else text.vocab_size - 2  # mini: in its vocabulary
+    return cfg.replace(family="llava_next_video", video_token_index=video, text=text)
 
 
 def llava_next_video_7b(dtype: str = "bfloat16") -> LlavaConfig:

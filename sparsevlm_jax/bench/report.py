@@ -92,7 +92,7 @@ def visual_text(wl: dict[str, Any]) -> str:
     if wl.get("image_set") and "images" in wl:
         counts = ", ".join(map(str, wl["visual_counts"]))
         images = ", ".join(f"{w} frames" if h == 0 else f"{h}×{w}" for h, w in wl["images"])
-        out += f"; images {images} (V0 = {counts}, {wl['visual_slots']} slots)"
+        out += f"; inputs {images} (V0 = {counts}, {wl['visual_slots']} slots)"
     return out
 
 

@@ -37,6 +37,9 @@ def hf_llava_config(cfg: LlavaConfig) -> Any:
         layer_norm_eps=v.layer_norm_eps,
         hidden_act=v.hidden_act,
     )
+    rope = {}
+    if t.rope_scaling:  # e.g. LLaVA-NeXT-Video's linear scaling
+        rope = {"rope_parameters": {"rope_theta": t.rope_theta, **dict(t.rope_scaling)}}
     text = transformers.LlamaConfig(
         vocab_size=t.vocab_size,
         hidden_size=t.hidden_size,
@@ -52,6 +55,7 @@ def hf_llava_config(cfg: LlavaConfig) -> Any:
         tie_word_embeddings=t.tie_word_embeddings,
         bos_token_id=t.bos_token_id,
         eos_token_id=list(t.eos_token_ids) or None,
+        **rope,
     )
     kw: dict[str, Any] = dict(
         vision_config=vision,
@@ -62,7 +66,16 @@ def hf_llava_config(cfg: LlavaConfig) -> Any:
         projector_hidden_act=cfg.projector_hidden_act,
         multimodal_projector_bias=cfg.projector_bias,
     )
-    if cfg.family == "llava_next":
+    if cfg.family == "llava_next_video":
+        pins = [list(p) for p in cfg.image_grid_pinpoints]
+        out = transformers.LlavaNextVideoConfig(
+            image_grid_pinpoints=pins,
+            video_token_index=cfg.video_token_index,
+            spatial_pool_stride=cfg.spatial_pool_stride,
+            spatial_pool_mode=cfg.spatial_pool_mode,
+            **kw,
+        )
+    elif cfg.family == "llava_next":
         pins = [list(p) for p in cfg.image_grid_pinpoints]
         out = transformers.LlavaNextConfig(image_grid_pinpoints=pins, **kw)
     else:
@@ -75,6 +88,8 @@ def hf_model_class(cfg: LlavaConfig) -> Any:
     """transformers' model class of the family (LLaVA-NeXT: LlavaNextForConditionalGeneration)."""
     import transformers
 
+    if cfg.family == "llava_next_video":
+        return transformers.LlavaNextVideoForConditionalGeneration
     if cfg.family == "llava_next":
         return transformers.LlavaNextForConditionalGeneration
     return transformers.LlavaForConditionalGeneration
@@ -141,9 +156,15 @@ def torch_inputs(wl: Workload, prefix: list[int], text: list[int], pixels: np.nd
     of its real tiles, the image token repeated its visual count, and `image_sizes`."""
     import torch
 
+    from sparsevlm_jax.bench.workloads import VIDEO
+
     n_img = wl.visual_counts[0]
-    ids = torch.tensor([prefix + [image_token_id(wl.cfg)] * n_img + text], device=dev)
     dtype = torch_dtype(wl.cfg.dtype)
+    if wl.variable and wl.images[0][0] == VIDEO:  # a video: its frames, the video token
+        ids = torch.tensor([prefix + [wl.cfg.video_token_index] * n_img + text], device=dev)
+        frames = torch.tensor(pixels[:1, : wl.images[0][1]], device=dev).permute(0, 1, 4, 2, 3)
+        return ids, TorchPixels(frames.to(dtype), key="pixel_values_videos")
+    ids = torch.tensor([prefix + [image_token_id(wl.cfg)] * n_img + text], device=dev)
     if not wl.variable:
         return ids, TorchPixels(torch.tensor(pixels, device=dev).permute(0, 3, 1, 2).to(dtype))
     from sparsevlm_jax.anyres import anyres_grid
@@ -157,14 +178,16 @@ def torch_inputs(wl: Workload, prefix: list[int], text: list[int], pixels: np.nd
 
 @dataclasses.dataclass
 class TorchPixels:
-    """Pixel values as the transformers model takes them, with LLaVA-NeXT's image sizes."""
+    """Pixel values as the transformers model takes them, with LLaVA-NeXT's image sizes;
+    `key` "pixel_values_videos" for a video's frames [1, frames, C, H, W]."""
 
     values: Any
     image_sizes: Any = None
+    key: str = "pixel_values"
 
     def kwargs(self) -> dict[str, Any]:
-        """`pixel_values` (and `image_sizes`) keyword arguments."""
-        out = {"pixel_values": self.values}
+        """`pixel_values` (or `pixel_values_videos`, and `image_sizes`) keyword arguments."""
+        out = {self.key: self.values}
         if self.image_sizes is not None:
             out["image_sizes"] = self.image_sizes
         return out
@@ -246,13 +269,15 @@ class TorchReference:
     def _prefill(self) -> Any:
         from sparsevlm_jax.reference import reference_prefill
 
+        video = self.pixels.key == "pixel_values_videos"
         res = reference_prefill(
             self.model,
             self.ids,
-            self.pixels.values,
+            None if video else self.pixels.values,
             self.params,
             track_margins=False,
             image_sizes=self.pixels.image_sizes,
+            pixel_values_videos=self.pixels.values if video else None,
         )
         _sync(self.device)
         return res
