@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -29,6 +27,14 @@ from tiny_models import (
     save_tiny_llava_next_video,
     tiny_llava_next,
 )
+from video_helpers import (
+    QUESTION,
+    hf_greedy_tokens,
+    sparsevlm,
+    video_pixels,
+    write_mp4,
+)
+from video_helpers import ours as our_tokens
 
 from sparsevlm_jax import reference as ref
 from sparsevlm_jax.anyres import AnyresSpec, num_visual_tokens, preprocess_anyres
@@ -38,35 +44,13 @@ from sparsevlm_jax.video import load_video, sample_indices
 torch = pytest.importorskip("torch")  # optional extra: the transformers side and the reference
 av = pytest.importorskip("av")
 
-SCRIPT = str(Path(sys.executable).with_name("sparsevlm"))
-ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
 FRAMES, CLIP_FRAMES, TILE = 8, 20, 56
 PER_FRAME = 4  # 4x4 patches pooled 2x2
 NEW_TOKENS = 6
-QUESTION = "What happens in the video?"
 SPEC = AnyresSpec(
     pinpoints=tuple(tuple(p) for p in NEXT_PINPOINTS), tile_size=TILE, patch_size=14,
     image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD, shortest_edge=TILE,
 )  # fmt: skip
-
-
-def sparsevlm(*argv: str | Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [SCRIPT, *map(str, argv)], env=ENV, capture_output=True, text=True, timeout=300
-    )
-
-
-def write_mp4(path: Path, frames: np.ndarray) -> None:
-    """frames [T, H, W, 3] uint8 -> an mp4 (h264 when available, else mpeg4)."""
-    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream(codec, rate=10)
-        stream.width, stream.height, stream.pix_fmt = TILE, TILE, "yuv420p"
-        for f in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
 
 
 @pytest.fixture(scope="module")
@@ -92,13 +76,6 @@ def work(tmp_path_factory):
     return SimpleNamespace(dir=d, model=model)
 
 
-def video_pixels(path: Path) -> torch.Tensor:
-    """[1, FRAMES, 3, 56, 56]: our decoded frames, normalised as the video processor does."""
-    frames = np.stack([np.asarray(f, np.float32) / 255.0 for f in load_video(path, FRAMES).frames])
-    x = (frames - np.asarray(OPENAI_CLIP_MEAN)) / np.asarray(OPENAI_CLIP_STD)
-    return torch.tensor(x.astype(np.float32)).permute(0, 3, 1, 2)[None]
-
-
 def hf_inputs(work, video: Path | None, image: Path | None, question: str) -> dict:
     """transformers' inputs: the llava_hf prompt (image first, then video, as the command
     orders them) with each marker expanded to its feature count."""
@@ -119,7 +96,7 @@ def hf_inputs(work, video: Path | None, image: Path | None, question: str) -> di
             out["image_sizes"] = torch.tensor([[img.height, img.width]])
         elif t == VIDEO_TOKEN:
             expanded += [VIDEO_TOKEN] * (FRAMES * PER_FRAME)
-            out["pixel_values_videos"] = video_pixels(video)
+            out["pixel_values_videos"] = video_pixels(video, FRAMES)
         else:
             expanded.append(t)
     out["input_ids"] = torch.tensor([expanded])
@@ -127,21 +104,11 @@ def hf_inputs(work, video: Path | None, image: Path | None, question: str) -> di
 
 
 def hf_greedy(work, video=None, image=None, question=QUESTION) -> list[int]:
-    inputs = hf_inputs(work, video, image, question)
-    with torch.no_grad():
-        out = work.model.generate(
-            **inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
-            eos_token_id=None, pad_token_id=0,
-        )  # fmt: skip
-    ids = out[0, inputs["input_ids"].shape[1] :].tolist()
-    return ids[: ids.index(2)] if 2 in ids else ids
+    return hf_greedy_tokens(work.model, hf_inputs(work, video, image, question), NEW_TOKENS)
 
 
 def ours(work, *args: str | Path) -> list[int]:
-    r = sparsevlm("generate", "--model", work.dir / "ckpt", "--template", "llava_hf",
-                  "--max-new-tokens", NEW_TOKENS, "--json", *args)  # fmt: skip
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)["token_ids"]
+    return our_tokens(work.dir / "ckpt", NEW_TOKENS, *args)
 
 
 def test_rope_scaling_comes_from_the_config(work):

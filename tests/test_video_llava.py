@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -33,41 +30,26 @@ from tiny_models import (
     tiny_video_llava,
     video_llava_image_processor,
 )
+from video_helpers import (
+    QUESTION,
+    hf_greedy_tokens,
+    sparsevlm,
+    video_pixels,
+    write_mp4,
+)
+from video_helpers import ours as our_tokens
 
 from sparsevlm_jax import reference as ref
 from sparsevlm_jax.config import LlavaConfig
-from sparsevlm_jax.processing import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from sparsevlm_jax.video import load_video
 
 torch = pytest.importorskip("torch")  # optional extra: the transformers side and the reference
 av = pytest.importorskip("av")
 
-SCRIPT = str(Path(sys.executable).with_name("sparsevlm"))
-ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
 FRAMES, CLIP_FRAMES, TILE = 8, 20, 56
 PER_IMAGE, PER_FRAME = 16, 17  # 4x4 patches; a frame keeps its class token
 NEW_TOKENS = 6
-QUESTION = "What happens in the video?"
 VO_STD = 0.3  # attention outputs that move the residual: greedy tokens follow the pixels
-
-
-def sparsevlm(*argv: str | Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [SCRIPT, *map(str, argv)], env=ENV, capture_output=True, text=True, timeout=300
-    )
-
-
-def write_mp4(path: Path, frames: np.ndarray) -> None:
-    """frames [T, H, W, 3] uint8 -> an mp4 (h264 when available, else mpeg4)."""
-    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream(codec, rate=10)
-        stream.width, stream.height, stream.pix_fmt = TILE, TILE, "yuv420p"
-        for f in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
 
 
 @pytest.fixture(scope="module")
@@ -85,13 +67,6 @@ def work(tmp_path_factory):
     r = sparsevlm("convert", d / "hf", d / "ckpt", "--dtype", "float32")
     assert r.returncode == 0, r.stderr
     return SimpleNamespace(dir=d, model=model)
-
-
-def video_pixels(path: Path) -> torch.Tensor:
-    """[1, FRAMES, 3, 56, 56]: our decoded frames, normalised as the video processor does."""
-    frames = np.stack([np.asarray(f, np.float32) / 255.0 for f in load_video(path, FRAMES).frames])
-    x = (frames - np.asarray(OPENAI_CLIP_MEAN)) / np.asarray(OPENAI_CLIP_STD)
-    return torch.tensor(x.astype(np.float32)).permute(0, 3, 1, 2)[None]
 
 
 def image_pixels(path: Path) -> torch.Tensor:
@@ -116,7 +91,7 @@ def hf_inputs(work, video: Path | None, image: Path | None, question: str) -> di
             out["pixel_values"] = image_pixels(image)
         elif t == VIDEO_TOKEN:
             expanded += [VIDEO_TOKEN] * (FRAMES * PER_FRAME)
-            out["pixel_values_videos"] = video_pixels(video)
+            out["pixel_values_videos"] = video_pixels(video, FRAMES)
         else:
             expanded.append(t)
     out["input_ids"] = torch.tensor([expanded])
@@ -124,21 +99,11 @@ def hf_inputs(work, video: Path | None, image: Path | None, question: str) -> di
 
 
 def hf_greedy(work, video=None, image=None, question=QUESTION) -> list[int]:
-    inputs = hf_inputs(work, video, image, question)
-    with torch.no_grad():
-        out = work.model.generate(
-            **inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
-            eos_token_id=None, pad_token_id=0,
-        )  # fmt: skip
-    ids = out[0, inputs["input_ids"].shape[1] :].tolist()
-    return ids[: ids.index(2)] if 2 in ids else ids
+    return hf_greedy_tokens(work.model, hf_inputs(work, video, image, question), NEW_TOKENS)
 
 
 def ours(work, *args: str | Path) -> list[int]:
-    r = sparsevlm("generate", "--model", work.dir / "ckpt", "--template", "llava_hf",
-                  "--max-new-tokens", NEW_TOKENS, "--json", *args)  # fmt: skip
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)["token_ids"]
+    return our_tokens(work.dir / "ckpt", NEW_TOKENS, *args)
 
 
 def test_real_config_token_counts():
