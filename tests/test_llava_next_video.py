@@ -28,8 +28,10 @@ from tiny_models import (
     tiny_llava_next,
 )
 from video_helpers import (
+    METHODS,
     QUESTION,
     hf_greedy_tokens,
+    method_under_test,
     sparsevlm,
     video_pixels,
     write_mp4,
@@ -153,9 +155,6 @@ def test_image_and_image_plus_video_give_transformers_greedy_tokens(work):
     assert both == hf_greedy(work, video=clip, image=img)
 
 
-METHODS = ["v1", "v1_5", "v2_0", "fastv", "random", "video"]  # video: the authors' setting
-
-
 @pytest.fixture(scope="module")
 def pipe(work):
     import sparsevlm_jax as sv
@@ -167,24 +166,11 @@ def pipe(work):
 def test_every_method_matches_the_reference_on_video(work, pipe, method):
     """A batch of a video prompt (32 visual tokens) and an image prompt (68): each example's
     kept indices, recycled counts and greedy tokens equal the reference's."""
-    from sparsevlm_jax.sparse.config import SparseConfig, authors_video_config
 
-    layers = (1, 2, 3) if method not in ("fastv", "video") else (1,)
-    kw = dict(method=method, layers=layers, capacity="exact")
-    if method in ("v1_5", "v2_0", "random"):
-        kw.update(schedule=(200, 100, 50), schedule_tokens=576)
-    if method == "v1":
-        kw.update(scale=2.0)
-    if method == "video":  # SPEC §9.6: layer 1, k = min(rank, V - 1), recycling
-        kw.update(method="v1", scale=1.0, bias=0.0)
-        sparse = authors_video_config(capacity="exact")
-        assert sparse == SparseConfig(**kw).replace(preset="video") and sparse.name == "video"
-    else:
-        sparse = SparseConfig(**kw)
+    sparse, params = method_under_test(method)
     clip, img = work.dir / "clip.mp4", work.dir / "img.png"
     items = [load_video(clip, FRAMES), Image.open(img)]
     results = pipe.generate(items, [QUESTION, QUESTION], sparse, max_new_tokens=NEW_TOKENS)
-    params = ref.RefSparseParams(**{k: v for k, v in kw.items() if k != "capacity"})
     for r, (video, image) in zip(results, [(clip, None), (None, img)], strict=True):
         inputs = hf_inputs(work, video, image, QUESTION)
         toks, rr = ref.reference_generate(

@@ -76,3 +76,29 @@ def ours(model_dir: Path, new_tokens: int, *args: str | Path) -> list[int]:
                   "--max-new-tokens", new_tokens, "--json", *args)  # fmt: skip
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)["token_ids"]
+
+
+METHODS = ["v1", "v1_5", "v2_0", "fastv", "random", "video"]  # video: the authors' setting
+
+
+def method_under_test(method: str):
+    """(SparseConfig, the reference's RefSparseParams) of a method as the video tests run it:
+    exact capacity, pruning at layers 1-3 (FastV and the authors' video setting: layer 1),
+    fixed schedules written for 576 tokens scaled per example (SPEC §9.3)."""
+    from sparsevlm_jax import reference as ref
+    from sparsevlm_jax.sparse.config import SparseConfig, authors_video_config
+
+    layers = (1, 2, 3) if method not in ("fastv", "video") else (1,)
+    kw = dict(method=method, layers=layers)
+    if method in ("v1_5", "v2_0", "random"):
+        kw.update(schedule=(200, 100, 50), schedule_tokens=576)
+    if method == "v1":
+        kw.update(scale=2.0)
+    if method == "video":  # SPEC §9.6: layer 1, k = min(rank, V - 1), recycling
+        kw.update(method="v1", scale=1.0, bias=0.0)
+        sparse = authors_video_config(capacity="exact")
+        assert sparse == SparseConfig(capacity="exact", **kw).replace(preset="video")
+        assert sparse.name == "video"
+    else:
+        sparse = SparseConfig(capacity="exact", **kw)
+    return sparse, ref.RefSparseParams(**kw)
