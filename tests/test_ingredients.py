@@ -27,11 +27,11 @@ from test_sparse_parity import (
 )
 from tiny_models import IMAGE_TOKEN
 
+from sparsevlm_jax import reference as ref
 from sparsevlm_jax.config import ConfigError
 from sparsevlm_jax.sparse.config import INGREDIENTS, SparseConfig, named_sparse_config
 
 torch = pytest.importorskip("torch")
-ref = pytest.importorskip("sparsevlm_jax.reference")
 
 ROWS = [0, 2]  # example 1 has a top-k boundary within 1e-4 under v2.0+recycling
 # The ablation: each of the four differences undone on SparseVLM+ (v2.0 recycles) and done on

@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 from types import SimpleNamespace
 
+import av  # a dependency (video decoding): never skipped
 import numpy as np
 import pytest
 from PIL import Image
@@ -44,7 +45,6 @@ from sparsevlm_jax.processing import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from sparsevlm_jax.video import load_video, sample_indices
 
 torch = pytest.importorskip("torch")  # optional extra: the transformers side and the reference
-av = pytest.importorskip("av")
 
 FRAMES, CLIP_FRAMES, TILE = 8, 20, 56
 PER_FRAME = 4  # 4x4 patches pooled 2x2

@@ -46,7 +46,6 @@ from sparsevlm_jax.config import LlavaConfig
 from sparsevlm_jax.video import load_video
 
 torch = pytest.importorskip("torch")  # optional extra: the transformers side and the reference
-av = pytest.importorskip("av")
 
 FRAMES, CLIP_FRAMES, TILE = 8, 20, 56
 PER_IMAGE, PER_FRAME = 16, 17  # 4x4 patches; a frame keeps its class token
