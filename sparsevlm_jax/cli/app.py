@@ -161,8 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         action="append",
         help="video file (mp4, webm, avi, mkv; decoded with PyAV) or folder of frame images "
-        "(sorted by name), for video models (LLaVA-NeXT-Video, Video-LLaVA); its <video> marker places it, "
-        "else it goes first. Visual items are the --image's, then the --video's",
+        "(sorted by name), for video models (LLaVA-NeXT-Video, Video-LLaVA); its <video> "
+        "marker places it, else it goes first. Visual items are the --image's, then the "
+        "--video's",
     )
     g.add_argument(
         "--frames",
