@@ -1,6 +1,6 @@
 """Where XLA:CPU loses to PyTorch on one `mini-next` decoder layer: kernel by kernel.
 
-    python benchmarks/cpu_kernels.py            # writes benchmarks/results/cpu-kernels.{json,md,png}
+    python benchmarks/cpu_kernels.py   # writes benchmarks/results/cpu-kernels.{json,md,png}
 
 The dense `mini-next` prefill (2,432 slots, 32 layers of width 256, 4 heads of 64, float32) is
 1.2x transformers' on 2 CPU cores. This splits one layer into what both sides compute and
@@ -108,13 +108,13 @@ def main() -> None:
             b = rng.standard_normal((n, sc, h), np.float32)
             p = rng.standard_normal((n, qr, sc), np.float32)
             flops = 2 * n * qr * sc * h
+            ta, tb, tp = torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(p)
             for name, f, args, targs in (
                 ("QK tile", lambda u, w: jnp.einsum("nqh,nsh->nqs", u, w), (a, b),
-                 lambda: torch.bmm(ta, tb.transpose(1, 2))),
+                 lambda ta=ta, tb=tb: torch.bmm(ta, tb.transpose(1, 2))),
                 ("PV tile", lambda u, w: jnp.einsum("nqs,nsh->nqh", u, w), (p, b),
-                 lambda: torch.bmm(tp, tb)),
+                 lambda tp=tp, tb=tb: torch.bmm(tp, tb)),
             ):
-                ta, tb, tp = torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(p)
 
                 def looped(u, w, f=f):
                     body = lambda i, c: c + f(u + i * 1e-3, w)[0, 0, 0]  # noqa: E731

@@ -32,7 +32,15 @@ from jax.sharding import Mesh, Sharding
 from tqdm.auto import tqdm
 
 from convert.errors import ConversionError
-from convert.names import CLIP_PREFIXES, IGNORED, MODEL_PREFIXES, Target, resolve, source_shape
+from convert.names import (
+    CLIP_PREFIXES,
+    IGNORED,
+    MODEL_PREFIXES,
+    Target,
+    is_stacked,
+    resolve,
+    source_shape,
+)
 from convert.readers import TensorInfo, WeightFiles, open_weights
 from convert.streaming import LoadStats, Parts, block_reader, copy_into
 from sparsevlm_jax import checkpoint
@@ -49,7 +57,16 @@ TOKENIZER_FILES = (
     "added_tokens.json",
     "preprocessor_config.json",
     "generation_config.json",
+    "chat_template.jinja",  # transformers 5 / Qwen-VL: the checkpoint's chat template
+    "chat_template.json",
+    "processor_config.json",
+    "vocab.json",  # byte-level BPE tokenizers (Qwen2)
+    "merges.txt",
 )
+
+SUPPORTED_MODEL_TYPES = (
+    "llava", "llava_next", "llava_next_video", "video_llava", "qwen2_vl", "qwen2_5_vl",
+)  # fmt: skip
 
 # Original LLaVA names its vision tower by hub id only; these are the towers we can build a
 # config for when the CLIP weights are embedded in the checkpoint and no --clip dir is given.
@@ -100,11 +117,11 @@ def read_config(
     try:
         if is_original_llava(d):
             return _original_config(src, d, clip, embedded_vision)
-        if d.get("model_type") not in ("llava", "llava_next", "llava_next_video", "video_llava"):
+        if d.get("model_type") not in SUPPORTED_MODEL_TYPES:
             raise ConversionError(
                 f"{src / 'config.json'}: model_type {d.get('model_type')!r} is not supported "
-                "(expected 'llava', 'llava_next', 'llava_next_video' or 'video_llava' from "
-                "llava-hf/transformers, or an original LLaVA-1.5 / 1.6 config)"
+                f"(expected one of {', '.join(map(repr, SUPPORTED_MODEL_TYPES))} from "
+                "llava-hf / transformers / Qwen, or an original LLaVA-1.5 / 1.6 config)"
             )
         if clip is not None:
             raise ConversionError(
@@ -249,7 +266,7 @@ def _plan(
             tensor at once.
     """
     shapes = flatten(param_shapes(cfg))
-    filled = {k: np.zeros(s[0] if "/layers/" in k else 1, bool) for k, s in shapes.items()}
+    filled = {k: np.zeros(s[0] if is_stacked(k) else 1, bool) for k, s in shapes.items()}
     problems = _Problems()
     plan: dict[tuple[int, str], Target] = {}
     for i, source in enumerate(sources):
@@ -265,7 +282,7 @@ def _plan(
             if _check(info, target, shapes[target.key], cfg, problems, filled[target.key]):
                 plan[(i, info.name)] = target
     for key, done in filled.items():
-        if "/layers/" in key and not done.all():
+        if is_stacked(key) and not done.all():
             problems.missing.append(_slots(key, np.flatnonzero(~done).tolist()))
         elif not done.all():
             problems.missing.append(key)
@@ -282,7 +299,7 @@ def _check(
     done: np.ndarray,
 ) -> bool:
     """Checks one mapped tensor against its target; records problems and marks the slot."""
-    stacked = "/layers/" in target.key
+    stacked = is_stacked(target.key)
     if stacked != (target.layer is not None):
         problems.unexpected.append(info.name)
         return False
@@ -290,7 +307,10 @@ def _check(
         problems.unexpected.append(f"{info.name} (layer {target.layer} >= {shape[0]})")
         return False
     slot = target.layer if stacked else 0
-    expected = source_shape(target.kind, shape[1:] if stacked else shape, cfg.vision.num_channels)
+    qv = cfg.qwen_vision
+    channels = cfg.vision.num_channels if qv is None else qv.in_channels
+    temporal = 2 if qv is None else qv.temporal_patch_size
+    expected = source_shape(target.kind, shape[1:] if stacked else shape, channels, temporal)
     ok = True
     if info.shape != expected:
         hint = ""
@@ -524,7 +544,7 @@ def load_transformers(
     try:
         for key in tqdm(shapes, desc="loading", unit="tensor", disable=not progress):
             shape = tuple(shapes[key])
-            read = block_reader(parts[key], shape, "/layers/" in key, np_dtype, stats)
+            read = block_reader(parts[key], shape, is_stacked(key), np_dtype, stats)
             out[key] = array_from_shards(shape, shardings(key), read)
     finally:
         for r in readers:

@@ -11,6 +11,8 @@ Resolution is two-stage and ordered (first match wins):
      `model.multi_modal_projector.*`, `lm_head.*`);
    - original LLaVA-1.5: `model.*`, `lm_head.*`, `model.mm_projector.{0,2}.*` and optionally
      embedded CLIP weights `model.vision_tower.vision_tower.vision_model.*`.
+   Qwen-VL: `visual.*` (hub, save_pretrained) / `model.visual.*` (in-memory) is its tower,
+   the decoder `model.*` (hub) / `model.language_model.*` (in-memory).
    Video-LLaVA's two towers: `image_tower.*` goes where `vision_tower.*` goes, `video_tower.*`
    to the part "video_vision" (hub `*.vision_model.*`, `save_pretrained` without it,
    in-memory `model.*_tower.*`).
@@ -31,10 +33,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sparsevlm_jax.model.qwen_vision import VISION_NAME_RULES
+
 # Transform kinds.
 COPY = "copy"  # same layout (embeddings, norms, biases)
 LINEAR = "linear"  # HF Linear weight [out, in] -> kernel [in, out]
 PATCH = "patch"  # CLIP conv [Dv, C, P, P] -> [P*P*C, Dv], rows ordered (row, col, channel)
+CONV3D = "conv3d"  # Qwen-VL conv [D, C, T, P, P] -> [C*T*P*P, D], rows in the conv's own order
 
 # (regex, part): part None = a known-ignorable top-level tensor.
 MODEL_PREFIXES: tuple[tuple[str, str | None], ...] = (
@@ -54,6 +59,7 @@ MODEL_PREFIXES: tuple[tuple[str, str | None], ...] = (
     (r"model\.multi_modal_projector\.", "projector"),  # transformers in-memory
     (r"model\.mm_projector\.", "projector"),  # original LLaVA
     (r"(?:model\.)?(?=image_newline$)", "newline"),  # LLaVA-NeXT: hub / in-memory, original
+    (r"(?:model\.)?visual\.", "qwen_vision"),  # Qwen-VL: hub / save_pretrained, in-memory
     (r"model\.", "text"),  # original LLaVA (after every other model.* prefix)
 )
 
@@ -105,6 +111,7 @@ BODY_RULES: dict[str, tuple[tuple[str, str | None, str], ...]] = {
         (r"(?:linear_2|2)\.bias", "projector/linear_2/bias", COPY),
     ),
 }  # fmt: skip
+BODY_RULES["qwen_vision"] = VISION_NAME_RULES
 # Video-LLaVA's video tower: the vision rules into `video_vision/...`
 BODY_RULES["video_vision"] = tuple(
     (body, key and "video_" + key, kind) for body, key, kind in BODY_RULES["vision"]
@@ -149,8 +156,19 @@ def resolve(name: str, prefixes: tuple[tuple[str, str | None], ...]) -> Target |
     return None
 
 
-def source_shape(kind: str, target_shape: tuple[int, ...], num_channels: int) -> tuple[int, ...]:
+def is_stacked(key: str) -> bool:
+    """Whether a flat key is a stacked [L, ...] array (decoder layers, tower blocks)."""
+    return "/layers/" in key or "/blocks/" in key
+
+
+def source_shape(
+    kind: str, target_shape: tuple[int, ...], num_channels: int, temporal_patch: int = 2
+) -> tuple[int, ...]:
     """The source tensor shape that `transform(kind, .)` turns into `target_shape`."""
+    if kind == CONV3D:
+        rows, d = target_shape
+        p = int(round((rows // (num_channels * temporal_patch)) ** 0.5))
+        return (d, num_channels, temporal_patch, p, p)
     if kind == LINEAR:
         return tuple(reversed(target_shape))
     if kind == PATCH:
@@ -166,4 +184,6 @@ def transform(kind: str, w: np.ndarray) -> np.ndarray:
         return w.T
     if kind == PATCH:
         return w.transpose(2, 3, 1, 0).reshape(-1, w.shape[0])  # [P*P*C, Dv]
+    if kind == CONV3D:
+        return w.reshape(w.shape[0], -1).T  # [C*T*P*P, D]
     return w

@@ -64,6 +64,9 @@ class Batch:
     span_text_ids   [B, S] int32 or None: token ids of the text between spans (0 padded)
     span_text_slots [B, S] int32 or None: their slots in the visual region, ascending
                  (`PAD_SLOT` padded); None when no example has text between spans
+    positions    [B, P + V + T, 3] int32 or None: M-RoPE (t, h, w) per slot, built on the
+                 host (`sparsevlm_jax.mrope`; padding 0); None: 1-D positions counting the
+                 valid slots
     """
 
     prefix_ids: jax.Array
@@ -74,6 +77,7 @@ class Batch:
     visual_index: jax.Array | None = None
     span_text_ids: jax.Array | None = None
     span_text_slots: jax.Array | None = None
+    positions: jax.Array | None = None
 
     @property
     def shape_key(self) -> tuple[int, ...]:
@@ -182,6 +186,7 @@ def make_batch(
     buckets: Buckets = Buckets(),
     visual_index: Sequence[np.ndarray] | None = None,
     region_ids: Sequence[np.ndarray] | None = None,
+    positions: Sequence[np.ndarray] | None = None,
 ) -> tuple[Batch, int]:
     """Pads token lists and images into one bucket.
 
@@ -194,15 +199,18 @@ def make_batch(
         tokens (see `Batch`); padded with `PAD_SLOT` to the visual bucket of the largest V_i.
       region_ids: optional, aligned with `visual_index`: per example the token id at each
         `TEXT_SLOT` of its region (anything elsewhere): the text between its visual spans.
+      positions: optional, per example [len(prefix) + len(region) + len(text), 3] int32 M-RoPE
+        positions in sequence order (prefix, region as `visual_index` lists it, text).
     Returns:
       (batch, n): the padded batch (rows beyond n repeat the last example so every row is a
       well-formed prompt) and the number of real examples.
     """
     n = len(prefixes)
-    if n == 0 or len(texts) != n or pixel_values.shape[0] != n:
+    n_pix = pixel_values.shape[0] if isinstance(pixel_values, np.ndarray) else n
+    if n == 0 or len(texts) != n or n_pix != n:
         raise ValueError(
             f"need the same non-zero number of prefixes, texts and images, "
-            f"got {len(prefixes)}, {len(texts)}, {pixel_values.shape[0]}"
+            f"got {len(prefixes)}, {len(texts)}, {n_pix}"
         )
     for i, (p, t) in enumerate(zip(prefixes, texts, strict=True)):
         if not p or not t:
@@ -221,7 +229,11 @@ def make_batch(
         prefix_mask[r, pl - len(p) :] = True
         text_ids[r, : len(t)] = t
         text_mask[r, : len(t)] = True
-    pix = np.asarray(pixel_values, np.float32)[rows]
+    pix = (
+        np.asarray(pixel_values, np.float32)[rows]
+        if isinstance(pixel_values, np.ndarray)
+        else pixel_values  # a family's own pytree of tower inputs, already batch-sized
+    )
     vis = None
     if visual_index is not None:
         if len(visual_index) != n or any(len(v) == 0 for v in visual_index):
@@ -241,7 +253,19 @@ def make_batch(
         for r, i in enumerate(rows):
             span_slots[r, : len(texts_in[i])] = texts_in[i]
             span_ids[r, : len(texts_in[i])] = np.asarray(region_ids[i])[texts_in[i]]
+    pos = None
+    if positions is not None:
+        vl = 0 if vis is None else vis.shape[1]
+        pos = np.zeros((b, pl + vl + tl, 3), np.int32)
+        for r, i in enumerate(rows):
+            p, t, v = len(prefixes[i]), len(texts[i]), len(visual_index[i]) if vl else 0
+            src = np.asarray(positions[i], np.int32)
+            if src.shape != (p + v + t, 3):
+                raise ValueError(f"example {i}: positions {src.shape}, expected {(p + v + t, 3)}")
+            pos[r, pl - p : pl] = src[:p]
+            pos[r, pl : pl + v] = src[p : p + v]
+            pos[r, pl + vl : pl + vl + t] = src[p + v :]
     return (
-        Batch(prefix_ids, prefix_mask, text_ids, text_mask, pix, vis, span_ids, span_slots),
+        Batch(prefix_ids, prefix_mask, text_ids, text_mask, pix, vis, span_ids, span_slots, pos),
         n,
     )

@@ -64,6 +64,10 @@ class TextConfig:
     `rope_scaling` is a sorted tuple of (key, value) pairs of HF's `rope_scaling` /
     `rope_parameters` minus `rope_theta`, e.g. `(("factor", 8.0), ("rope_type", "llama3"), ...)`;
     `()` means the default (unscaled) RoPE.
+    `mrope_section`: M-RoPE's split of the H/2 rotary frequencies between the (t, h, w) position
+    streams (Qwen2-VL: (16, 24, 24)); `()` = one-dimensional RoPE. `attention_bias`: biases on
+    q/k/v/o; `attention_out_bias` None follows it, False drops the o bias alone (Qwen2: q/k/v
+    biases only).
     """
 
     vocab_size: int = 32064
@@ -86,6 +90,22 @@ class TextConfig:
     # Mistral's sliding attention window (None: full attention). Prompts are refused when they
     # would exceed it (`check_window`), so a window never changes a result silently.
     sliding_window: int | None = None
+    mrope_section: tuple[int, ...] = ()
+    attention_out_bias: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.mrope_section and 2 * sum(self.mrope_section) != self.head_dim:
+            raise ConfigError(
+                f"mrope_section {list(self.mrope_section)} sums to {sum(self.mrope_section)}, "
+                f"not half the head dimension ({self.head_dim // 2})"
+            )
+
+    @property
+    def o_bias(self) -> bool:
+        """Whether o_proj has a bias."""
+        if self.attention_out_bias is None:
+            return self.attention_bias
+        return self.attention_out_bias
 
     def check_window(self, length: int, what: str = "the prompt") -> None:
         """Raises ConfigError when `length` tokens exceed the sliding window."""
@@ -111,9 +131,13 @@ class TextConfig:
         hidden = d.get("hidden_size", 4096)
         rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
         theta = rope.pop("rope_theta", d.get("rope_theta", 10000.0))
-        if rope.get("rope_type", rope.get("type", "default")) == "default":
+        mrope = rope.pop("mrope_section", None)  # kept apart: "default" drops the rest
+        if str(d.get("model_type", "")).startswith("qwen2") and "_vl" in str(d.get("model_type")):
+            mrope = mrope or [16, 24, 24]  # transformers' default for the VL decoders
+        if rope.get("rope_type", rope.get("type", "default")) in ("default", "mrope"):
             rope = {}
         eos = d.get("eos_token_id", 2)
+        qwen2 = str(d.get("model_type", "")).startswith("qwen2")
         return cls(
             vocab_size=d.get("vocab_size", 32000),
             hidden_size=hidden,
@@ -126,19 +150,22 @@ class TextConfig:
             rope_theta=float(theta),
             rope_scaling=_freeze(rope),
             max_position_embeddings=d.get("max_position_embeddings", 2048),
-            attention_bias=d.get("attention_bias", False),
+            attention_bias=d.get("attention_bias", qwen2),
+            attention_out_bias=False if qwen2 else None,
             mlp_bias=d.get("mlp_bias", False),
             tie_word_embeddings=d.get("tie_word_embeddings", False),
             bos_token_id=d.get("bos_token_id", 1),
             eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
             pad_token_id=d.get("pad_token_id"),
             sliding_window=d.get("sliding_window") if d.get("use_sliding_window", True) else None,
+            mrope_section=tuple(int(x) for x in mrope) if mrope else (),
         )
 
 
-FAMILIES = ("llava", "llava_next", "llava_next_video", "video_llava")
+FAMILIES = ("llava", "llava_next", "llava_next_video", "video_llava", "qwen2_vl", "qwen2_5_vl")
 ANYRES_FAMILIES = ("llava_next", "llava_next_video")
-VIDEO_FAMILIES = ("llava_next_video", "video_llava")
+QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl")  # dynamic resolution, M-RoPE, their own tower
+VIDEO_FAMILIES = ("llava_next_video", "video_llava", *QWEN_FAMILIES)
 POOL_MODES = ("average", "max")
 
 
@@ -155,7 +182,12 @@ class LlavaConfig:
     (`spatial_pool_mode`), marked by `video_token_index`), or "video_llava" (Video-LLaVA: two
     CLIP towers of the same shape, `image_tower` for images (one tile, CLS dropped under the
     "default" strategy: `num_image_tokens`) and `video_tower` for a video's frames (CLS always
-    kept: `video_tokens_per_frame` = patches + 1), one projector; no anyres).
+    kept: `video_tokens_per_frame` = patches + 1), one projector; no anyres), or "qwen2_vl" /
+    "qwen2_5_vl" (Qwen2-VL / Qwen2.5-VL: any resolution through their own tower,
+    `qwen_vision` (a `model.qwen_vision.QwenVisionConfig`; `vision` is then unused), one token
+    per 28x28 pixels, M-RoPE positions (`text.mrope_section`), `<|vision_start|>` /
+    `<|vision_end|>` markers around each item (text), `tokens_per_second` for Qwen2.5's
+    video time axis).
     `image_token_index`: the id that marks the image in the token sequence (llava-hf: 32000,
     expanded to the image's visual-token count; original LLaVA: -200, a single placeholder).
     `param_dtype` is the dtype weights are stored in, `dtype` the compute dtype.
@@ -178,10 +210,15 @@ class LlavaConfig:
     video_token_index: int | None = None
     spatial_pool_stride: int = 2
     spatial_pool_mode: str = "average"
+    qwen_vision: Any = None
+    vision_start_token_id: int | None = None
+    tokens_per_second: float | None = None
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise ConfigError(f"unknown model family {self.family!r}; known: {FAMILIES}")
+        if self.qwen and (self.qwen_vision is None or not self.text.mrope_section):
+            raise ConfigError(f"a {self.family} config needs its vision config and mrope_section")
         if self.takes_video:
             if self.video_token_index is None:
                 raise ConfigError(f"a {self.family} config needs video_token_index")
@@ -234,11 +271,16 @@ class LlavaConfig:
         return self.family in VIDEO_FAMILIES
 
     @property
+    def qwen(self) -> bool:
+        """Qwen2-VL / Qwen2.5-VL: their own tower, dynamic resolution, M-RoPE positions."""
+        return self.family in QWEN_FAMILIES
+
+    @property
     def variable_visual(self) -> bool:
         """Visual counts vary per example (anyres images, videos, an image and / or a video in
         one prompt): batches carry a host-built `Batch.visual_index` into a per-example
         feature table (`model.llava.VISUAL_TOKENS`)."""
-        return self.anyres or self.takes_video
+        return self.anyres or self.takes_video or self.qwen
 
     @property
     def separate_video_tower(self) -> bool:
@@ -288,6 +330,8 @@ class LlavaConfig:
             raise ConfigError(f"vision_feature_layer must be one int, got {layer!r}")
         model_type = d.get("model_type")
         family = model_type if model_type in FAMILIES else "llava"
+        if family in QWEN_FAMILIES:
+            return cls._from_hf_qwen(d, family, overrides)
         pinpoints = d.get("image_grid_pinpoints") or ()
         kw: dict[str, Any] = dict(
             family=family,
@@ -313,9 +357,33 @@ class LlavaConfig:
         kw.update(overrides)
         return cls(**kw)
 
+    @classmethod
+    def _from_hf_qwen(cls, d: dict[str, Any], family: str, overrides: dict) -> LlavaConfig:
+        """Qwen2-VL / Qwen2.5-VL: transformers 5 nests the decoder in `text_config`; the hub's
+        config.json keeps it at the top level."""
+        from sparsevlm_jax.model.qwen_vision import QwenVisionConfig
+
+        text = dict(d.get("text_config") or d)
+        text.setdefault("model_type", family)
+        text.setdefault("tie_word_embeddings", d.get("tie_word_embeddings", False))
+        vision = dict(d.get("vision_config") or {})
+        kw: dict[str, Any] = dict(
+            family=family,
+            text=TextConfig.from_hf(text),
+            qwen_vision=QwenVisionConfig.from_hf({"model_type": family, **vision}),
+            image_token_index=d.get("image_token_id", 151655),
+            video_token_index=d.get("video_token_id", 151656),
+            vision_start_token_id=d.get("vision_start_token_id", 151652),
+            tokens_per_second=(vision.get("tokens_per_second", 2)
+                               if family == "qwen2_5_vl" else None),
+        )  # fmt: skip
+        kw.update(overrides)
+        return cls(**kw)
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["text"]["rope_scaling"] = dict(self.text.rope_scaling)
+        d["qwen_vision"] = None if self.qwen_vision is None else self.qwen_vision.to_dict()
         return d
 
     @classmethod
@@ -326,6 +394,11 @@ class LlavaConfig:
         d["image_grid_pinpoints"] = tuple(tuple(p) for p in d.get("image_grid_pinpoints", ()))
         if isinstance(text.get("eos_token_id"), list):
             text["eos_token_id"] = tuple(text["eos_token_id"])
+        text["mrope_section"] = tuple(text.get("mrope_section") or ())
+        if d.get("qwen_vision") is not None:
+            from sparsevlm_jax.model.qwen_vision import QwenVisionConfig
+
+            d["qwen_vision"] = QwenVisionConfig.from_dict(d["qwen_vision"])
         return cls(vision=VisionConfig(**d.pop("vision")), text=TextConfig(**text), **d)
 
     def to_json(self) -> str:

@@ -19,13 +19,17 @@ from it. The tree is a nested dict of arrays:
     text/layers/<name>/...                stacked on a leading [L] axis:
         input_layernorm, post_attention_layernorm   {scale [L, D]}
         q_proj {kernel [L, D, N*H]}, k_proj / v_proj {kernel [L, D, K*H]},
-        o_proj {kernel [L, N*H, D]}      (+ bias when attention_bias)
+        o_proj {kernel [L, N*H, D]}      (+ biases when attention_bias; o_proj's when
+                                          `TextConfig.o_bias`: Qwen2 has q/k/v biases only)
         gate_proj, up_proj {kernel [L, D, M]}, down_proj {kernel [L, M, D]} (+ bias when mlp_bias)
     text/norm/scale                       [D]
     text/lm_head                          [D, Vocab]   (absent when tie_word_embeddings)
     image_newline                         [D]          (LLaVA-NeXT only)
     video_vision/...                      (Video-LLaVA only) the video tower, the same tree as
                                           vision/ (which is then its image tower)
+
+Qwen2-VL / Qwen2.5-VL: `vision/` is their tower (`model.qwen_vision.vision_param_shapes`, patch
+merger included) and there is no `projector/`.
 
 Kernels are stored `[in, out]` (HF Linear weights transposed); the vision tower keeps all of
 CLIP's layers (only `cfg.vision_layers_used` run) and drops `post_layernorm`, which LLaVA never
@@ -92,7 +96,7 @@ def param_shapes(cfg: LlavaConfig) -> Params:
             "q_proj": _linear(d, qh, t.attention_bias, lt),
             "k_proj": _linear(d, kvh, t.attention_bias, lt),
             "v_proj": _linear(d, kvh, t.attention_bias, lt),
-            "o_proj": _linear(qh, d, t.attention_bias, lt),
+            "o_proj": _linear(qh, d, t.o_bias, lt),
             "post_attention_layernorm": _norm(d, False, lt),
             "gate_proj": _linear(d, t.intermediate_size, t.mlp_bias, lt),
             "up_proj": _linear(d, t.intermediate_size, t.mlp_bias, lt),
@@ -102,6 +106,10 @@ def param_shapes(cfg: LlavaConfig) -> Params:
     }
     if not t.tie_word_embeddings:
         text["lm_head"] = (d, t.vocab_size)
+    if cfg.qwen:  # Qwen-VL: its own tower, whose patch merger is the projector
+        from sparsevlm_jax.model.qwen_vision import vision_param_shapes
+
+        return {"vision": vision_param_shapes(cfg.qwen_vision), "text": text}
     out = {"vision": vision, "projector": projector, "text": text}
     if cfg.separate_video_tower:  # Video-LLaVA: frames through a tower of the same shape
         out["video_vision"] = jax.tree.map(lambda s: s, vision, is_leaf=_is_shape)

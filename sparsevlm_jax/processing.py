@@ -140,10 +140,19 @@ class Processor:
         mean/std: `preprocessor_config.json` when present, else OpenAI CLIP's. Image size,
         image token id and count: from `config`. Image mode: "pad" unless the folder's
         config.json says `image_aspect_ratio` other than "pad" (original LLaVA). `overrides`
-        replace any constructor argument.
+        replace any constructor argument. A Qwen-VL config gets a
+        `sparsevlm_jax.qwen_processor.QwenProcessor` instead.
         """
         from transformers import AutoTokenizer
 
+        if getattr(config, "qwen", False):  # Qwen-VL: chat template, dynamic resolution
+            from sparsevlm_jax.qwen_processor import QwenProcessor
+
+            return QwenProcessor.from_pretrained(ckpt_dir, config, **overrides)  # type: ignore[return-value]
+        for name in ("min_pixels", "max_pixels"):
+            if name in overrides:
+                flag = "--" + name.replace("_", "-")
+                raise InputError(f"{flag} is a Qwen-VL setting; this is a {config.family} model")
         d = Path(ckpt_dir)
         kw: dict[str, Any] = dict(
             image_size=config.vision.image_size,

@@ -55,6 +55,9 @@ def processor_overrides(args: argparse.Namespace) -> dict[str, Any]:
         out["template"] = args.template
     if args.image_mode is not None:
         out["image_mode"] = args.image_mode
+    for name in ("min_pixels", "max_pixels"):  # Qwen-VL's resize bounds
+        if getattr(args, name, None) is not None:
+            out[name] = getattr(args, name)
     return out
 
 

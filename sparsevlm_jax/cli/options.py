@@ -40,7 +40,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_loading_args(g: argparse._ActionsContainer) -> None:
-    """How a model is read: --clip, --dtype, --template, --image-mode."""
+    """How a model is read: --clip, --dtype, --template, --image-mode, --min/max-pixels."""
     g.add_argument("--clip", metavar="DIR", help="CLIP directory, for original LLaVA checkpoints")
     g.add_argument(
         "--dtype",
@@ -50,12 +50,25 @@ def add_loading_args(g: argparse._ActionsContainer) -> None:
     g.add_argument(
         "--template",
         metavar="NAME",
-        help="conversation template: vicuna_v1 (default), llava_v1 or llava_hf",
+        help="conversation template: vicuna_v1 (default), llava_v1 or llava_hf; Qwen-VL uses "
+        "the checkpoint's chat template unless one is named",
     )
     g.add_argument(
         "--image-mode",
         choices=("pad", "crop"),
         help="pad to square with the mean colour (LLaVA-1.5, default) or centre crop",
+    )
+    g.add_argument(
+        "--min-pixels",
+        type=int,
+        metavar="N",
+        help="Qwen-VL: smallest resized image area in pixels (default: the checkpoint's)",
+    )
+    g.add_argument(
+        "--max-pixels",
+        type=int,
+        metavar="N",
+        help="Qwen-VL: largest resized image area in pixels (default: the checkpoint's)",
     )
 
 

@@ -82,9 +82,22 @@ def rope_inv_freq(cfg: TextConfig) -> np.ndarray:
     return inv.astype(np.float32)
 
 
-def rope_cos_sin(positions: Array, inv_freq: np.ndarray) -> tuple[Array, Array]:
-    """cos, sin [B, T, H] in float32 for integer positions [B, T] (HF's half-split layout)."""
-    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+def rope_cos_sin(
+    positions: Array, inv_freq: np.ndarray, mrope_section: tuple[int, ...] = ()
+) -> tuple[Array, Array]:
+    """cos, sin [B, T, H] in float32 for integer positions (HF's half-split layout).
+
+    positions [B, T], or [B, T, 3] (t, h, w) for M-RoPE: frequency band j of the H/2 takes its
+    angle from the stream that `mrope_section` assigns it (bands [0, s0) from t, the next s1
+    from h, the last s2 from w: transformers' `recomposition_frequencies`). Equal streams give
+    the one-dimensional rotation, so text tokens (p, p, p) may use 1-D positions.
+    """
+    if positions.ndim == 3:
+        stream = np.repeat(np.arange(len(mrope_section)) % 3, mrope_section)  # [H/2]
+        pos = jnp.take(positions, jnp.asarray(stream), axis=-1)  # [B, T, H/2]
+        freqs = pos.astype(jnp.float32) * jnp.asarray(inv_freq)
+    else:
+        freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)
 
@@ -99,12 +112,13 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
 
 
 def qkv(lp: dict[str, Any], cfg: TextConfig, h: Array, positions: Array):
-    """Projected, rotated q [B,T,N,H] and k, v [B,T,K,H] from normed hidden states h."""
+    """Projected, rotated q [B,T,N,H] and k, v [B,T,K,H] from normed hidden states h;
+    positions [B,T] or [B,T,3] (M-RoPE, `rope_cos_sin`)."""
     b, t, _ = h.shape
     q = linear(h, lp["q_proj"]).reshape(b, t, cfg.num_attention_heads, cfg.head_dim)
     k = linear(h, lp["k_proj"]).reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
     v = linear(h, lp["v_proj"]).reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
-    cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg))
+    cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg), cfg.mrope_section)
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 

@@ -24,7 +24,7 @@ from flax import struct
 
 from sparsevlm_jax.batch import Batch
 from sparsevlm_jax.config import LlavaConfig
-from sparsevlm_jax.model import llama, llava_next, video_llava
+from sparsevlm_jax.model import llama, llava_next, qwen_vl, video_llava
 from sparsevlm_jax.model.clip import image_features
 from sparsevlm_jax.model.sequence import (
     SeqState,
@@ -96,6 +96,8 @@ VISUAL_TOKENS: dict[str, Callable[..., Array]] = {
     "llava_next": llava_next.visual_tokens,
     "llava_next_video": llava_next.visual_tokens,
     "video_llava": video_llava.visual_tokens,
+    "qwen2_vl": qwen_vl.visual_tokens,
+    "qwen2_5_vl": qwen_vl.visual_tokens,
 }
 
 
@@ -125,7 +127,8 @@ def embed_inputs(params: Params, cfg: LlavaConfig, batch: Batch) -> SeqState:
         [batch.prefix_mask.astype(bool), vis_valid, batch.text_mask.astype(bool)], 1
     )
     p, v = batch.prefix_ids.shape[1], image.shape[1]
-    return SeqState(x, valid, positions_from_valid(valid), p, v, batch.span_text_slots)
+    positions = positions_from_valid(valid) if batch.positions is None else batch.positions
+    return SeqState(x, valid, positions, p, v, batch.span_text_slots)
 
 
 def stage_bounds(num_layers: int, cuts: Sequence[int] = ()) -> list[tuple[int, int]]:

@@ -15,7 +15,8 @@ Array = jax.Array
 
 @struct.dataclass
 class SeqState:
-    """The sequence between stages: x [B,L,D], valid [B,L], positions [B,L] int32.
+    """The sequence between stages: x [B,L,D], valid [B,L], positions [B,L] int32, or
+    [B,L,3] (t, h, w) for M-RoPE families (Qwen-VL), whose every rewrite keeps them as they are.
 
     L = P + vis_cap + T; the visual region is slots [P, P + vis_cap). `num_prefix` and
     `vis_cap` are static (part of the compiled shape). `pinned` [B, S] int32 or None: region
@@ -72,9 +73,12 @@ def next_position(state: SeqState) -> Array:
 
     One past the largest position of a valid slot: the valid count when positions are
     contiguous (dense, v1, v1.5, FastV), the original prompt length N when kept tokens keep
-    their original positions (v2.0), so decoding continues them.
+    their original positions (v2.0, M-RoPE), so decoding continues them. With (t, h, w)
+    positions: one past the largest of any stream (decoded tokens are text: (p, p, p)).
     """
-    pos = jnp.where(state.valid, state.positions, -1)
+    pos = state.positions
+    valid = state.valid if pos.ndim == 2 else state.valid[..., None]
+    pos = jnp.where(valid, pos, -1).reshape(pos.shape[0], -1)
     return (jnp.max(pos, axis=1) + 1).astype(jnp.int32)
 
 

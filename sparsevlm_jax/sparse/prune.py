@@ -106,14 +106,24 @@ def text_row_attention(q_text: Array, k_all: Array, valid: Array, rows: Array) -
     return probs.reshape(b, n, t, length)
 
 
+def take_slots(positions: Array, idx: Array) -> Array:
+    """positions [B, L] or [B, L, 3] at slots idx [B, n] -> [B, n] or [B, n, 3]."""
+    if positions.ndim == 3:
+        return jnp.take_along_axis(positions, idx[:, :, None], axis=1)
+    return jnp.take_along_axis(positions, idx, axis=1)
+
+
 def rope_gravity(cfg: TextConfig, text_pos: Array, vis_pos: Array) -> Array:
-    """SparseVLM+'s RoPE bias [B, T, V]: RoPE(q=1) . RoPE(k=1) / sqrt(head_dim) (SPEC §6)."""
+    """SparseVLM+'s RoPE bias [B, T, V]: RoPE(q=1) . RoPE(k=1) / sqrt(head_dim) (SPEC §6);
+    positions [B, T] / [B, V], or [B, T, 3] / [B, V, 3] with the model's sectioned 3-D
+    rotation (M-RoPE, SPEC §9.5)."""
     inv = llama.rope_inv_freq(cfg)
     ones = jnp.ones((1, 1, 1, cfg.head_dim), jnp.float32)
 
-    def rotated_ones(pos: Array) -> Array:
-        cos, sin = llama.rope_cos_sin(pos, inv)
-        return llama.apply_rope(jnp.broadcast_to(ones, (*pos.shape, 1, cfg.head_dim)), cos, sin)
+    def rotated_ones(pos: Array) -> Array:  # pos [B, n] or [B, n, 3] (M-RoPE)
+        cos, sin = llama.rope_cos_sin(pos, inv, cfg.mrope_section)
+        lead = pos.shape[:2]
+        return llama.apply_rope(jnp.broadcast_to(ones, (*lead, 1, cfg.head_dim)), cos, sin)
 
     rq, rk = rotated_ones(text_pos)[:, :, 0], rotated_ones(vis_pos)[:, :, 0]
     bias = jnp.einsum("bth,bvh->btv", rq, rk, precision=jax.lax.Precision.HIGHEST)
@@ -279,13 +289,12 @@ class Pruner:
         p = state.num_prefix
         x = jnp.concatenate([state.x[:, :p], x_vis, state.x[:, vis.stop :]], axis=1)
         valid = jnp.concatenate([state.valid[:, :p], vis_valid, state.valid[:, vis.stop :]], 1)
-        if self.sparse.keeps_positions:  # v2.0: kept tokens keep their position ids
-            # (a recycled token, where recycling is switched on too, takes its centre's)
-            pos_vis = jnp.take_along_axis(
-                state.positions[:, vis], jnp.concatenate([kept_idx, centres], axis=1), axis=1
-            )
+        # v2.0 and every method on (t, h, w) positions (SPEC §9.5): kept tokens keep their
+        # position ids (a recycled token takes its centre's)
+        if self.sparse.keeps_positions or state.positions.ndim == 3:
+            pos_vis = take_slots(state.positions[:, vis], jnp.concatenate([kept_idx, centres], 1))
             has_pos = jnp.concatenate([jnp.ones_like(kept_mask), rec_mask], axis=1)
-            pos_vis = jnp.where(has_pos, pos_vis, 0)
+            pos_vis = jnp.where(has_pos if pos_vis.ndim == 2 else has_pos[..., None], pos_vis, 0)
             positions = jnp.concatenate(
                 [state.positions[:, :p], pos_vis, state.positions[:, vis.stop :]], axis=1
             )
@@ -326,7 +335,7 @@ class Pruner:
             noise = jax.random.uniform(key, vis_mask.shape[1:])
             return jnp.where(vis_mask, noise[None], -jnp.inf), no_rank
         if sp.uses("gravity"):
-            text_pos = jnp.take_along_axis(state.positions, row_slots(state), axis=1)
+            text_pos = take_slots(state.positions, row_slots(state))
             gravity = rope_gravity(self.cfg.text, text_pos, state.positions[:, state.vis_slice])
             per_head = per_head / gravity[:, None]
         if sp.uses("top_heads"):
