@@ -115,3 +115,101 @@ def test_mrope_section_must_sum_to_half_the_head_dim(work, tmp_path):
     assert r.returncode == 2 and "mrope_section" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "out").exists()
+
+
+# --- pruning: every method's decisions equal the reference's ---------------------------------
+
+LAYERS = (1, 2)
+METHODS = {  # name -> (our SparseConfig kwargs, the reference's kwargs)
+    "v1": ({"method": "v1", "scale": 2.0, "bias": 0.0}, {"method": "v1", "scale": 2.0}),
+    "v1_5": ({"method": "v1_5", "schedule": (300, 120), "schedule_tokens": 576},
+             {"method": "v1_5", "schedule": (300, 120), "schedule_tokens": 576}),
+    "v2_0": ({"method": "v2_0", "schedule": (300, 120), "schedule_tokens": 576},
+             {"method": "v2_0", "schedule": (300, 120), "schedule_tokens": 576}),
+    "fastv": ({"method": "fastv", "fastv_ratio": 0.5}, {"method": "fastv", "fastv_ratio": 0.5}),
+    "random": ({"method": "random", "schedule": (300, 120), "schedule_tokens": 576},
+               {"method": "random", "schedule": (300, 120), "schedule_tokens": 576}),
+}  # fmt: skip
+BATCH = ((3,), (1,), (1, 3))  # a mixed-resolution batch: 77, 15 and 15 + 77 visual tokens
+QUESTIONS = ("What is in the image?", "What color is the car?", "Compare the two pictures.")
+_REFERENCE: dict = {}
+
+
+def reference(work: Work, method: str, example: int, layers: tuple[int, ...]):
+    """reference_generate's (tokens, RefResult) on transformers' own inputs and positions."""
+    from sparsevlm_jax import reference as ref
+
+    key = (work.kind, method, example)
+    if key not in _REFERENCE:
+        pil = [Image.open(work.images[i]).convert("RGB") for i in BATCH[example]]
+        inputs = hf_inputs(work.tokenizer, pil, QUESTIONS[example])
+        _REFERENCE[key] = ref.reference_generate(
+            work.model, inputs["input_ids"], inputs["pixel_values"],
+            ref.RefSparseParams(layers=layers, **METHODS[method][1]), max_new_tokens=NEW_TOKENS,
+            image_grid_thw=inputs["image_grid_thw"],
+        )  # fmt: skip
+    return _REFERENCE[key]
+
+
+@pytest.fixture(scope="module")
+def pipe(work):
+    import sparsevlm_jax
+
+    return sparsevlm_jax.load(work.dir / "ckpt")
+
+
+@pytest.mark.parametrize("capacity", ["exact", "bucketed"])
+@pytest.mark.parametrize("method", list(METHODS))
+def test_methods_match_reference_on_mixed_resolution_batch(work, pipe, method, capacity):
+    from sparsevlm_jax.sparse.config import SparseConfig
+
+    layers = (1,) if method == "fastv" else LAYERS
+    sparse = SparseConfig(layers=layers, capacity=capacity, **METHODS[method][0])
+    items = [[Image.open(work.images[i]).convert("RGB") for i in ex] for ex in BATCH]
+    out = pipe.generate(items, list(QUESTIONS), sparse=sparse, max_new_tokens=NEW_TOKENS,
+                        batch_size=4)  # fmt: skip
+    pruned = 0
+    for e, o in enumerate(out):
+        toks, r = reference(work, method, e, layers)
+        assert o.stats["visual_tokens"] == r.num_image_tokens
+        if method not in ("fastv", "random"):
+            assert o.stats["raters"] == list(r.raters)
+        for mine, rec in zip(o.stats["layers"], r.prunes, strict=True):
+            assert mine["budget"] == rec.budget and len(mine["kept"]) == len(rec.kept), rec.layer
+            if method != "random":  # random draws with JAX's RNG, the reference with numpy's
+                assert mine["kept"] == list(rec.kept), rec.layer
+            assert mine["recycled"] == rec.n_recycled and mine["overflow"] == 0
+            pruned += rec.pruned
+        assert o.stats["visual_counts"] == list(r.visual_counts)
+        # every method keeps the (t, h, w) of its kept tokens; decoding continues one past the
+        # original prompt's largest position at every layer, step after step (SPEC §9.5)
+        assert r.positions.ndim == 2
+        steps = len(r.decode_positions)
+        assert r.decode_positions == [(r.next_position + t,) * 4 for t in range(steps)]
+        if method != "random":
+            assert o.token_ids == until_im_end(toks)
+    assert pruned > 0
+
+
+def until_im_end(ids: list[int]) -> list[int]:
+    from tiny_qwen import IM_END
+
+    return ids[: ids.index(IM_END)] if IM_END in ids else ids
+
+
+def test_prefill_caches_continue_at_the_original_prompts_largest_position(work, pipe):
+    """Our caches' next positions after a pruned prefill equal the reference's, in every
+    stage, although pruning dropped the tokens that held the largest positions."""
+    import jax
+
+    from sparsevlm_jax.prefill import prefill
+    from sparsevlm_jax.sparse.config import SparseConfig
+
+    sparse = SparseConfig(layers=LAYERS, capacity="exact", **METHODS["v1_5"][0])
+    items = [[Image.open(work.images[i]).convert("RGB") for i in ex] for ex in BATCH]
+    batch, n = pipe.processor(items, list(QUESTIONS))
+    _, cache, _, _ = prefill(pipe.params, batch, pipe.cfg, sparse, NEW_TOKENS)
+    for e in range(n):
+        _, r = reference(work, "v1_5", e, LAYERS)
+        got = [int(jax.device_get(p)[e]) for p in cache.position]
+        assert got == [r.next_position] * len(cache.position)

@@ -127,8 +127,10 @@ def embed_inputs(params: Params, cfg: LlavaConfig, batch: Batch) -> SeqState:
         [batch.prefix_mask.astype(bool), vis_valid, batch.text_mask.astype(bool)], 1
     )
     p, v = batch.prefix_ids.shape[1], image.shape[1]
-    positions = positions_from_valid(valid) if batch.positions is None else batch.positions
-    return SeqState(x, valid, positions, p, v, batch.span_text_slots)
+    if batch.positions is None:
+        return SeqState(x, valid, positions_from_valid(valid), p, v, batch.span_text_slots)
+    state = SeqState(x, valid, batch.positions, p, v, batch.span_text_slots)
+    return state.replace(origin_next=next_position(state))  # M-RoPE: fixed by the prompt
 
 
 def stage_bounds(num_layers: int, cuts: Sequence[int] = ()) -> list[tuple[int, int]]:

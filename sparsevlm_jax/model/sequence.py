@@ -21,7 +21,9 @@ class SeqState:
     L = P + vis_cap + T; the visual region is slots [P, P + vis_cap). `num_prefix` and
     `vis_cap` are static (part of the compiled shape). `pinned` [B, S] int32 or None: region
     slots holding text between visual spans (ascending, -1 padded): valid, not visual, kept
-    in place by any rewrite of the region.
+    in place by any rewrite of the region. `origin_next` [B] int32 or None: where decoding
+    continues when that is fixed by the original prompt (M-RoPE: one past its largest
+    position, SPEC §9.5, whichever tokens a rewrite drops); rewrites carry it unchanged.
     """
 
     x: Array
@@ -30,6 +32,7 @@ class SeqState:
     num_prefix: int = struct.field(pytree_node=False)
     vis_cap: int = struct.field(pytree_node=False)
     pinned: Array | None = None
+    origin_next: Array | None = None
 
     def pinned_mask(self) -> Array | None:
         """[B, vis_cap] bool: the region slots that hold text (None when there are none)."""
@@ -73,9 +76,12 @@ def next_position(state: SeqState) -> Array:
 
     One past the largest position of a valid slot: the valid count when positions are
     contiguous (dense, v1, v1.5, FastV), the original prompt length N when kept tokens keep
-    their original positions (v2.0, M-RoPE), so decoding continues them. With (t, h, w)
-    positions: one past the largest of any stream (decoded tokens are text: (p, p, p)).
+    their original positions (v2.0), so decoding continues them. With (t, h, w) positions:
+    one past the largest of any stream (decoded tokens are text: (p, p, p)), of the original
+    prompt (`origin_next`).
     """
+    if state.origin_next is not None:
+        return state.origin_next
     pos = state.positions
     valid = state.valid if pos.ndim == 2 else state.valid[..., None]
     pos = jnp.where(valid, pos, -1).reshape(pos.shape[0], -1)

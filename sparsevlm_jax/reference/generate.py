@@ -9,7 +9,13 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from sparsevlm_jax.reference.common import import_torch, merge_margins, note_margin
-from sparsevlm_jax.reference.layers import decoder_layer, language_model, visual_embeddings
+from sparsevlm_jax.reference.layers import (
+    decoder_layer,
+    is_qwen,
+    language_model,
+    mrope_positions,
+    visual_embeddings,
+)
 from sparsevlm_jax.reference.params import RefPruneRecord, RefResult, RefSparseParams
 from sparsevlm_jax.reference.prune import prune_step
 from sparsevlm_jax.reference.scoring import select_raters
@@ -27,6 +33,7 @@ def reference_prefill(
     track_margins: bool = True,
     image_sizes: torch.Tensor | None = None,
     pixel_values_videos: torch.Tensor | None = None,
+    **grids: Any,
 ) -> RefResult:
     """Prefill of LLaVA with SparseVLM pruning (SPEC §1-§6), batch 1, eager.
 
@@ -42,6 +49,9 @@ def reference_prefill(
         `pixel_values` [1, tiles, 3, H, W] (`LlavaNextForConditionalGeneration`).
       pixel_values_videos: LLaVA-NeXT-Video's [1, frames, 3, H, W] (`pixel_values` None
         for a prompt without an image).
+      grids: Qwen-VL's `image_grid_thw`, `video_grid_thw` and (Qwen2.5) `second_per_grid_ts`;
+        positions are then transformers' own (t, h, w) `get_rope_index` triples [N, 3], kept by
+        every method (SPEC §9.5).
     Returns:
       RefResult; `logits` are float32 [N', vocab] for the final (pruned) sequence.
     """
@@ -55,8 +65,10 @@ def reference_prefill(
 
     with torch.no_grad():
         h, vis_idx = visual_embeddings(  # [1, N, D]
-            model, input_ids, pixel_values, image_sizes, pixel_values_videos
-        )
+            model, input_ids, pixel_values, image_sizes, pixel_values_videos,
+            image_grid_thw=grids.get("image_grid_thw"),
+            video_grid_thw=grids.get("video_grid_thw"),
+        )  # fmt: skip
         p, v0 = int(vis_idx[0]), int(vis_idx.numel())
         # The text: every non-visual token after the first visual one (SPEC §9.1).
         is_text = torch.ones(h.shape[1], dtype=torch.bool)
@@ -72,7 +84,11 @@ def reference_prefill(
             if params.method not in ("fastv", "random"):
                 note_margin(margins, "raters", rater_margin)
 
-        positions = torch.arange(h.shape[1], device=h.device)
+        if is_qwen(model):
+            positions = mrope_positions(model, input_ids, **grids)
+        else:
+            positions = torch.arange(h.shape[1], device=h.device)
+        next_position = int(positions.max()) + 1
         v = v0
         caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         prunes: list[RefPruneRecord] = []
@@ -124,6 +140,7 @@ def reference_prefill(
         margins=margins,
         min_margin=min(margins.values(), default=math.inf),
         layer_inputs=layer_inputs if keep_layer_inputs else None,
+        next_position=next_position,
     )
 
 
@@ -183,12 +200,14 @@ def reference_generate(
     track_margins: bool = True,
     image_sizes: torch.Tensor | None = None,
     pixel_values_videos: torch.Tensor | None = None,
+    **grids: Any,
 ) -> tuple[list[int], RefResult]:
     """Greedy generation: pruned prefill, then per-layer-cache decoding.
 
-    Decode positions follow SPEC §5: v2.0 (kept positions) gives the t-th generated token
-    position N + t at every layer, the other methods each layer's cache length;
-    `result.decode_positions` records them.
+    Decode positions follow SPEC §5 / §9.5: v2.0 (kept positions) and every method on M-RoPE
+    positions give the t-th generated token one past the original prompt's largest position,
+    plus t, at every layer (N + t on 1-D positions), the other methods each layer's cache
+    length; `result.decode_positions` records them.
 
     Stops after `max_new_tokens` tokens or after emitting a token in `eos_token_ids` (which is
     included in the output, as transformers' generate does). `result.greedy_gaps` holds the
@@ -207,8 +226,10 @@ def reference_generate(
         track_margins=track_margins,
         image_sizes=image_sizes,
         pixel_values_videos=pixel_values_videos,
+        **grids,
     )
     eos = set(int(t) for t in eos_token_ids)
+    fixed = params.keeps_positions or result.positions.ndim == 2
     tokens: list[int] = []
     logits = result.logits[-1]
     caches = result.kv_caches
@@ -218,7 +239,7 @@ def reference_generate(
         result.greedy_gaps.append(gap)
         if token in eos or step == max_new_tokens - 1:
             break
-        position = result.prompt_len + step if params.keeps_positions else None
+        position = result.next_position + step if fixed else None
         result.decode_positions.append(
             tuple(k.shape[2] if position is None else position for k, _ in caches)
         )

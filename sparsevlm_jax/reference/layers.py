@@ -26,7 +26,8 @@ def attention(
 
     Args:
       attn: the layer's `self_attn` module. x: [1, q, D] normed input.
-      positions: int64 [q] positions of the new tokens. past: cached (k, v) or None.
+      positions: int64 [q] positions of the new tokens, or [q, 3] (t, h, w) on M-RoPE models
+        (Qwen-VL; `rotary_pos_ids`). past: cached (k, v) or None.
       causal: mask future keys (prefill); decoding attends to every cached key.
     Returns:
       (output [1, q, D], probabilities float32 [1, H, q, kv_len], new cache (k, v) each
@@ -40,7 +41,7 @@ def attention(
     q = attn.q_proj(x).view(1, q_len, -1, hd).transpose(1, 2)  # [1, H, q, hd]
     k = attn.k_proj(x).view(1, q_len, -1, hd).transpose(1, 2)  # [1, Hkv, q, hd]
     v = attn.v_proj(x).view(1, q_len, -1, hd).transpose(1, 2)  # [1, Hkv, q, hd]
-    cos, sin = rotary_emb(v, positions[None, :])
+    cos, sin = rotary_emb(v, rotary_pos_ids(positions))
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
     if past is not None:
         k = torch.cat([past[0], k], dim=2)
@@ -57,6 +58,14 @@ def attention(
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # [1, H, q, kv]
     out = (probs.to(vr.dtype) @ vr).transpose(1, 2).reshape(1, q_len, -1)  # [1, q, H*hd]
     return attn.o_proj(out), probs, (k, v)
+
+
+def rotary_pos_ids(positions: torch.Tensor) -> torch.Tensor:
+    """The rotary module's position_ids: [1, q] for positions [q]; [3, 1, q] for (t, h, w)
+    positions [q, 3] (Qwen-VL's rotary takes the three streams first)."""
+    if positions.ndim == 2:
+        return positions.T[:, None, :]
+    return positions[None, :]
 
 
 def decoder_layer(
@@ -97,6 +106,7 @@ def visual_embeddings(
     pixel_values: torch.Tensor | None,
     image_sizes: torch.Tensor | None = None,
     pixel_values_videos: torch.Tensor | None = None,
+    **grids: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Token embeddings with every image's and video's projected features spliced in
     (llava-hf style), any number of them in any number of spans.
@@ -107,6 +117,8 @@ def visual_embeddings(
       pixel_values, image_sizes: as `get_image_features` takes them (LLaVA-NeXT: one row of
         tiles per image and the images' (height, width)); None without images.
       pixel_values_videos: [1, frames, 3, H, W] as `get_video_features` takes them, or None.
+      grids: Qwen-VL's `image_grid_thw` / `video_grid_thw` (its pixel values are the
+        processor's patch rows).
     Returns:
       (E [1, N, D] in the model dtype, the visual tokens' indices [V0] int64, ascending).
     """
@@ -117,11 +129,19 @@ def visual_embeddings(
         )
     embeds = language_model(model).embed_tokens(input_ids).clone()  # [1, N, D]
     parts = []
+    qwen = is_qwen(model)
     if pixel_values is not None:
-        parts.append((_image_token_id(model), _image_features(model, pixel_values, image_sizes)))
+        feats = (_qwen_features(model, "image", pixel_values, grids["image_grid_thw"]) if qwen
+                 else _image_features(model, pixel_values, image_sizes))  # fmt: skip
+        parts.append((_image_token_id(model), feats))
     if pixel_values_videos is not None:
-        video_id = int(model.config.video_token_index)
-        parts.append((video_id, _video_features(model, pixel_values_videos)))
+        if qwen:
+            video_id = int(model.config.video_token_id)
+            feats = _qwen_features(model, "video", pixel_values_videos, grids["video_grid_thw"])
+        else:
+            video_id = int(model.config.video_token_index)
+            feats = _video_features(model, pixel_values_videos)
+        parts.append((video_id, feats))
     if not parts:
         raise ValueError("neither pixel_values nor pixel_values_videos given")
     for token, features in parts:
@@ -134,6 +154,34 @@ def visual_embeddings(
     if visual.numel() == 0:
         raise ValueError("input_ids hold no image token")
     return embeds, visual
+
+
+def is_qwen(model: Any) -> bool:
+    """Qwen2-VL / Qwen2.5-VL (M-RoPE positions, their own tower and grids)."""
+    return str(getattr(model.config, "model_type", "")).startswith("qwen2")
+
+
+def _qwen_features(model: Any, kind: str, pixels: torch.Tensor, grid: torch.Tensor) -> Any:
+    """Qwen-VL's merged visual tokens [n, D] of every image (or video) in order."""
+    torch = import_torch()
+    get = model.model.get_image_features if kind == "image" else model.model.get_video_features
+    out = get(pixels, grid)
+    if hasattr(out, "pooler_output"):
+        out = out.pooler_output
+    if isinstance(out, (list, tuple)):
+        out = torch.cat([f.reshape(-1, f.shape[-1]) for f in out], dim=0)
+    return out.reshape(-1, out.shape[-1])
+
+
+def mrope_positions(model: Any, input_ids: torch.Tensor, **kw: Any) -> torch.Tensor:
+    """[N, 3] (t, h, w) positions of a Qwen-VL prompt from transformers' own `get_rope_index`
+    (given `mm_token_type_ids`, which it needs for 3-D positions)."""
+    torch = import_torch()
+    image, video = int(model.config.image_token_id), int(model.config.video_token_id)
+    types = (input_ids == image).long() + 2 * (input_ids == video).long()
+    kw = {k: v for k, v in kw.items() if v is not None}
+    pos, _ = model.model.get_rope_index(input_ids, mm_token_type_ids=types, **kw)
+    return pos[:, 0].T.contiguous().to(torch.long)
 
 
 def _video_features(model: Any, pixel_values_videos: torch.Tensor) -> torch.Tensor:

@@ -191,7 +191,8 @@ class RefResult:
       visual_counts: visual count after each of the L layers (recycled included).
       equivalent_tokens: mean of `visual_counts` (SPEC §6).
       logits: float32 [N', vocab], prefill logits of every position of the final sequence.
-      positions: int64 [N'], position ids of the final sequence at the last layer.
+      positions: int64 [N'] (or [N', 3] (t, h, w) on M-RoPE models), position ids of the
+        final sequence at the last layer.
       kv_caches: per layer (k, v), each [1, num_kv_heads, len_l, head_dim] (keys after RoPE);
         len_l differs between layers.
       margins: smallest relative margin per decision kind over the whole prefill.
@@ -201,6 +202,7 @@ class RefResult:
       greedy_gaps: filled by `reference_generate`: top-1 minus top-2 logit at every step.
       decode_positions: filled by `reference_generate`: per decoded token fed back, its
         position at every layer (SPEC §5).
+      next_position: one past the largest position of the original prompt (SPEC §9.5).
     """
 
     prefix_len: int
@@ -219,6 +221,7 @@ class RefResult:
     layer_inputs: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     greedy_gaps: list[float] = field(default_factory=list)
     decode_positions: list[tuple[int, ...]] = field(default_factory=list)
+    next_position: int = -1  # one past the original prompt's largest position (N on 1-D)
 
     @property
     def prompt_len(self) -> int:

@@ -119,7 +119,8 @@ def prune_step(
         [h_out[:, :p], h_out[:, region], recycled[None].to(h_out.dtype), h_out[:, text_start:]],
         dim=1,
     )
-    if params.keeps_positions:  # v2.0: kept tokens keep their position ids
+    # v2.0, and every method on (t, h, w) positions (SPEC §9.5): kept tokens keep their ids
+    if params.keeps_positions or positions.ndim == 2:
         # (recycling switched on too: a recycled token takes its centre's)
         centre_pos = positions[vis_idx[[candidates[j] for j in centres]]] if c else positions[:0]
         new_pos = torch.cat([positions[:p], positions[region], centre_pos, positions[text_start:]])

@@ -93,14 +93,17 @@ def select_top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
 def rope_bias(
     rotary_emb: Any, head_dim: int, q_pos: torch.Tensor, k_pos: torch.Tensor, like: torch.Tensor
 ) -> torch.Tensor:
-    """SparseVLM+ gravity bias: RoPE(q=1) . RoPE(k=1) / sqrt(head_dim), [len(q_pos), len(k_pos)]."""
+    """SparseVLM+ gravity bias: RoPE(q=1) . RoPE(k=1) / sqrt(head_dim), [len(q_pos), len(k_pos)]
+    (positions [n] or, M-RoPE, [n, 3]: the model's own sectioned rotation)."""
     torch = import_torch()
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    ones_q = torch.ones(1, 1, q_pos.numel(), head_dim, dtype=torch.float32, device=like.device)
-    ones_k = torch.ones(1, 1, k_pos.numel(), head_dim, dtype=torch.float32, device=like.device)
-    cos_q, sin_q = rotary_emb(ones_q, q_pos[None, :])
-    cos_k, sin_k = rotary_emb(ones_k, k_pos[None, :])
+    ones_q = torch.ones(1, 1, q_pos.shape[0], head_dim, dtype=torch.float32, device=like.device)
+    ones_k = torch.ones(1, 1, k_pos.shape[0], head_dim, dtype=torch.float32, device=like.device)
+    from sparsevlm_jax.reference.layers import rotary_pos_ids
+
+    cos_q, sin_q = rotary_emb(ones_q, rotary_pos_ids(q_pos))
+    cos_k, sin_k = rotary_emb(ones_k, rotary_pos_ids(k_pos))
     rq, _ = apply_rotary_pos_emb(ones_q, ones_q, cos_q, sin_q)
     _, rk = apply_rotary_pos_emb(ones_k, ones_k, cos_k, sin_k)
     return (rq[0, 0] @ rk[0, 0].T) / math.sqrt(head_dim)

@@ -316,7 +316,8 @@ class Pruner:
         carry = carry.replace(
             n_vis=(*carry.n_vis, top.n_kept + n_rec), layer_stats=(*carry.layer_stats, layer)
         )
-        return SeqState(x, valid, positions, p, x_vis.shape[1], pinned), carry
+        out = SeqState(x, valid, positions, p, x_vis.shape[1], pinned, state.origin_next)
+        return out, carry
 
     def score(
         self, i: int, carry: PruneCarry, state: SeqState, per_head: Array, vis_mask: Array
