@@ -52,9 +52,12 @@ def run(args: argparse.Namespace) -> str:
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     from sparsevlm_jax.cli.info import visual_summary  # LLaVA-NeXT: family + count range
 
+    tower = (f"{cfg.qwen_vision.depth}-block ViT" if cfg.qwen
+             else f"{cfg.vision.num_hidden_layers}-layer CLIP")  # fmt: skip
+
     return (
-        f"wrote {args.dst}: {cfg.text.num_hidden_layers}-layer decoder, "
-        f"{cfg.vision.num_hidden_layers}-layer CLIP, {visual_summary(cfg)}, "
+        f"wrote {args.dst}: {cfg.text.num_hidden_layers}-layer decoder, {tower}, "
+        f"{visual_summary(cfg)}, "
         f"{describe_dtype(load_metadata(args.dst))}, {time.perf_counter() - start:.1f} s, "
         f"peak RSS {peak_gib:.2f} GiB"
     )

@@ -81,12 +81,15 @@ class Batch:
 
     @property
     def shape_key(self) -> tuple[int, ...]:
-        """(B, P, T) or (B, P, V, T) with a visual index: the bucket."""
+        """(B, P, T) or (B, P, V, T) with a visual index (V, S, T with text between spans):
+        the bucket; a family whose tower takes its own input pytree (Qwen-VL's patches) adds
+        that input's static capacity last."""
         b, p, t = self.prefix_ids.shape[0], self.prefix_ids.shape[1], self.text_ids.shape[1]
         if self.visual_index is None:
             return (b, p, t)
         spans = () if self.span_text_slots is None else (self.span_text_slots.shape[1],)
-        return (b, p, self.visual_index.shape[1], *spans, t)
+        tower = getattr(self.pixel_values, "capacity", None)
+        return (b, p, self.visual_index.shape[1], *spans, t, *(() if tower is None else (tower,)))
 
     def prompt_lengths(self, num_image_tokens: int) -> np.ndarray:
         """[B] valid prompt tokens per row (host arrays; `num_image_tokens`: the fixed visual

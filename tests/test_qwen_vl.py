@@ -213,3 +213,53 @@ def test_prefill_caches_continue_at_the_original_prompts_largest_position(work, 
         _, r = reference(work, "v1_5", e, LAYERS)
         got = [int(jax.device_get(p)[e]) for p in cache.position]
         assert got == [r.next_position] * len(cache.position)
+
+
+# --- eval: a mixed-resolution question file compiles per bucket ------------------------------
+
+EVAL_SIZES = ((56, 56), (84, 140), (112, 56), (200, 300), (300, 200), (150, 150), (90, 300),
+              (256, 256))  # fmt: skip
+
+
+def test_eval_mixed_resolutions_compiles_per_bucket(work, tmp_path):
+    """Eight resolutions (4-77 visual tokens) and a two-image line, three questions: the
+    compiled prefill programs are at most the buckets the batches meet (visual ladder, text
+    bucket, tower patch capacity), which the processor reports itself."""
+    import re
+
+    from sparsevlm_jax.loading import load_model_config
+    from sparsevlm_jax.processing import Processor
+
+    rng = np.random.default_rng(5)
+    (tmp_path / "img").mkdir()
+    lines, items = [], []
+    for k, (h, w) in enumerate(EVAL_SIZES):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
+            tmp_path / "img" / f"{k}.png"
+        )
+        image: str | list[str] = f"{k}.png" if k != 7 else ["1.png", "7.png"]
+        text = QUESTIONS[k % 3] if k != 7 else "Compare the two pictures."
+        lines.append({"question_id": k, "image": image, "text": text})
+        items.append(([image] if isinstance(image, str) else image, text))
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    answers = tmp_path / "answers.jsonl"
+    r = sparsevlm("eval", "--model", work.dir / "ckpt", "--questions", questions,
+                  "--image-folder", tmp_path / "img", "--answers", answers, "--batch-size", 4,
+                  "--max-new-tokens", 2, "--sparse", "v1_5", "--budget", 64, "--layers", "1,2",
+                  "--quiet")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    got = sorted(json.loads(x)["question_id"] for x in answers.read_text().splitlines())
+    assert got == list(range(len(EVAL_SIZES)))
+    ckpt = work.dir / "ckpt"
+    proc = Processor.from_pretrained(ckpt, load_model_config(ckpt))
+    keys = set()
+    for lo in range(0, len(items), 4):
+        chunk = items[lo : lo + 4]
+        imgs = [[tmp_path / "img" / n for n in names] for names, _ in chunk]
+        keys.add(proc(imgs, [t for _, t in chunk])[0].shape_key)
+    m = re.search(r"prefill (\d+) fused \+ (\d+) stage programs", r.stdout)
+    assert m, r.stdout
+    stages = int(m.group(2))
+    # per batch bucket: one program per stage (two pruning layers: three stages)
+    assert 0 < stages <= len(keys) * (len(LAYERS) + 1), (r.stdout, keys)

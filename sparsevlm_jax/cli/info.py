@@ -69,9 +69,12 @@ def format_info(path: Path, cfg: LlavaConfig, arrays: dict[str, tuple], kind: st
             f" (converted from {conv['source_dtype']} with --dtype "
             f"{conv.get('requested_dtype', '?')})"
         )
-    return "\n".join(
-        [
-            f"checkpoint:  {path} ({kind})",
+    if cfg.qwen:
+        from sparsevlm_jax.cli import info_qwen
+
+        model_lines = info_qwen.lines(path, cfg)
+    else:
+        model_lines = [
             f"vision:      CLIP ViT, {v.num_hidden_layers} layers, hidden {v.hidden_size}, "
             f"MLP {v.intermediate_size}, {v.num_attention_heads} heads, image {v.image_size} px, "
             f"patch {v.patch_size}, feature layer {cfg.vision_feature_layer} "
@@ -83,6 +86,11 @@ def format_info(path: Path, cfg: LlavaConfig, arrays: dict[str, tuple], kind: st
             f"KV, head dim {t.head_dim}), vocab {t.vocab_size}, rope theta {t.rope_theta:g}, "
             f"max positions {t.max_position_embeddings}",
             *image_lines(cfg, style),
+        ]
+    return "\n".join(
+        [
+            f"checkpoint:  {path} ({kind})",
+            *model_lines,
             f"sparse v1:   default pruning layers {layers}",
             f"parameters:  {count:,} ({human_bytes(nbytes)})",
             f"dtype:       {', '.join(dtypes)}{note}",
@@ -156,6 +164,10 @@ def video_lines(cfg: LlavaConfig) -> list[str]:
 def visual_summary(cfg: LlavaConfig) -> str:
     """The visual tokens for `convert`'s summary line: "16 visual tokens", or on LLaVA-NeXT
     "llava_next (anyres), 16-88 visual tokens per image (by size)"."""
+    if cfg.qwen:
+        from sparsevlm_jax.cli.info_qwen import visual_summary as qwen_summary
+
+        return qwen_summary(cfg)
     if not cfg.anyres:
         out = f"{cfg.num_image_tokens} visual tokens"
         if cfg.takes_video:
