@@ -263,3 +263,22 @@ def test_eval_mixed_resolutions_compiles_per_bucket(work, tmp_path):
     stages = int(m.group(2))
     # per batch bucket: one program per stage (two pruning layers: three stages)
     assert 0 < stages <= len(keys) * (len(LAYERS) + 1), (r.stdout, keys)
+
+
+def test_visualize_draws_kept_cells_on_the_original_image(work, tmp_path):
+    import re
+
+    out = tmp_path / "kept.png"
+    r = sparsevlm("visualize", "--model", work.dir / "ckpt", "--image", work.images[3],
+                  "--prompt", QUESTION, "--sparse", "v1_5", "--budget", 64, "--layers", "1,2",
+                  "--max-new-tokens", 2, "--out", out)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "image 200x300 (h x w): 77 visual tokens" in r.stdout  # 7 x 11 cells of 28 px
+    kept = int(re.search(r"layer 1: (\d+) kept", r.stdout).group(1))
+    with Image.open(out) as img:
+        pic = np.asarray(img.convert("RGB"), np.int32)
+    # the second panel's view (448 x 299 px of the 200x300 image), below its caption + label
+    view = pic[40 + 18 : 40 + 18 + 299, 448 + 8 : 448 + 8 + 448]
+    src = np.asarray(Image.open(work.images[3]).resize((448, 299), Image.BICUBIC), np.int32)
+    lit = np.mean(np.abs(view - src).max(axis=2) <= 1)
+    assert abs(lit - kept / 77) < 0.05, (lit, kept)

@@ -32,7 +32,7 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     if isinstance(image, Video):
         print(f"video {image.source}: frames {list(image.indices)} of {image.total_frames}, "
               f"{stats['visual_tokens']} visual tokens")  # fmt: skip
-    elif pipe.cfg.anyres:
+    elif pipe.cfg.anyres or pipe.cfg.qwen:
         print(f"image {image.height}x{image.width} (h x w): {stats['visual_tokens']} visual tokens")
     for x in stats["layers"]:
         print(f"layer {x['layer']}: {len(x['kept'])} kept + {x['recycled']} recycled")
