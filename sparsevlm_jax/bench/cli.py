@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -18,15 +19,21 @@ from sparsevlm_jax.bench.timing import device_slug, prepare_environment
 from sparsevlm_jax.bench.workloads import (
     IMAGE_SETS,
     PREFIX_TOKENS,
+    QWEN_FRAME,
+    QWEN_PREFIX_TOKENS,
+    QWEN_SETS,
     TEXT_TOKENS,
     TIMED_IMAGES,
+    VIDEO,
     VIDEO_SETS,
     Options,
     Workload,
+    item_name,
     method_list,
     parse_image_sets,
 )
 from sparsevlm_jax.presets import SHAPES
+from sparsevlm_jax.qwen_images import QwenPreprocess
 
 PROG = "sparsevlm bench"
 
@@ -50,6 +57,7 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "every named sparse preset, XLA vs PyTorch. Writes JSON, markdown and a PNG plot.",
         epilog="examples:\n  sparsevlm bench --shape llava-1.5-7b --flops-only --json\n"
         "  sparsevlm bench --shape llava-next-7b --flops-only\n"
+        "  sparsevlm bench --shape qwen2.5-vl-7b --flops-only --images '1080x1920;32f'\n"
         "  sparsevlm bench --shape mini\n"
         "  sparsevlm bench --shape mini-next --images 480x640\n"
         "  sparsevlm bench --shape llava-1.5-7b --dtype bfloat16   # on a GPU",
@@ -74,14 +82,22 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="dtype of the counted program (%(default)s; see module docs)")  # fmt: skip
     p.add_argument("--methods", default="", help="comma-separated methods or labels, e.g. "
                    "v1,fastv-64 (default: every named preset; dense always runs)")  # fmt: skip
-    p.add_argument("--prefix-tokens", type=int, default=PREFIX_TOKENS, help="(%(default)s)")
+    p.add_argument("--prefix-tokens", type=int, default=None, help=f"(default {PREFIX_TOKENS}; "
+                   f"Qwen-VL shapes {QWEN_PREFIX_TOKENS}: their chat template)")  # fmt: skip
     p.add_argument("--text-tokens", type=int, default=TEXT_TOKENS, help="(%(default)s)")
     sets = "; ".join(f"{k}={','.join(f'{h}x{w}' for h, w in v)}" for k, v in IMAGE_SETS.items())
     timed = ",".join(f"{h}x{w}" for h, w in TIMED_IMAGES)
-    p.add_argument("--images", default="", metavar="SETS", help="LLaVA-NeXT shapes: image "
-                   "sizes HEIGHTxWIDTH, one batch per set: sets split by ';', images by ',', "
-                   f"optionally NAME=... (FLOPs-only default: \"{sets}\"; a full run uses "
-                   f"the first set, default {timed})")  # fmt: skip
+    qwen = "; ".join(f"{k}={','.join(map(item_name, v))}" for k, v in QWEN_SETS.items())
+    p.add_argument("--images", default="", metavar="SETS", help="LLaVA-NeXT and Qwen-VL "
+                   "shapes: image sizes HEIGHTxWIDTH (or Nf: a video of N frames, video shapes), "
+                   "one batch per set: sets split by ';', images by ',', optionally NAME=... "
+                   f"(FLOPs-only default: \"{sets}\"; video shapes: 8f, 16f, 32f; Qwen-VL: "
+                   f"\"{qwen}\"; a full run uses the first set, default {timed})")  # fmt: skip
+    p.add_argument("--video-frame", default="x".join(map(str, QWEN_FRAME)), metavar="HxW",
+                   help="Qwen-VL shapes: the pixels of a video's frames (%(default)s)")  # fmt: skip
+    p.add_argument("--max-pixels", type=int, default=QwenPreprocess().max_pixels,
+                   help="Qwen-VL shapes: an image's pixel budget (%(default)s = 1280 tokens, "
+                   "qwen_images.QwenPreprocess; the hub processor's is 12845056)")  # fmt: skip
     t = p.add_argument_group("full run")
     t.add_argument("--warmup", type=int, default=1, help="(%(default)s)")
     t.add_argument("--repeat", type=int, default=5, help="timed prefill rounds (%(default)s)")
@@ -117,7 +133,10 @@ def image_sets_from_args(args: argparse.Namespace) -> dict[str, tuple[tuple[int,
     runs, TIMED_IMAGES for full runs."""
     if args.images:
         return parse_image_sets(args.images)
-    if SHAPES[args.shape]().takes_video:  # videos of 8 / 16 / 32 frames
+    cfg = SHAPES[args.shape]()
+    if cfg.qwen and args.flops_only:  # a 1080p image and a 32-frame clip
+        return dict(QWEN_SETS)
+    if cfg.takes_video and not cfg.qwen:  # videos of 8 / 16 / 32 frames
         return dict(VIDEO_SETS)
     if args.flops_only:
         return dict(IMAGE_SETS)
@@ -135,16 +154,37 @@ def workload_from_args(args: argparse.Namespace) -> Workload:
     images, name = (), ""
     if cfg.variable_visual:
         name, images = next(iter(image_sets_from_args(args).items()))
+    extra: dict = {}
+    if cfg.qwen:
+        extra = dict(
+            video_frame=video_frame(args), qwen_settings=QwenPreprocess(max_pixels=args.max_pixels)
+        )
     return Workload(
         shape=args.shape,
         cfg=cfg,
-        prefix_tokens=args.prefix_tokens,
+        prefix_tokens=prefix_tokens(args),
         text_tokens=args.text_tokens,
         max_new_tokens=args.max_new_tokens,
         count_dtype=args.count_dtype,
         images=images,
         image_set=name,
+        **extra,
     )
+
+
+def video_frame(args: argparse.Namespace) -> tuple[int, int]:
+    """`--video-frame` (ValueError unless one HEIGHTxWIDTH)."""
+    sets = list(parse_image_sets(args.video_frame).values())
+    if len(sets) != 1 or len(sets[0]) != 1 or sets[0][0][0] == VIDEO:
+        raise ValueError(f"--video-frame {args.video_frame!r} is not one HEIGHTxWIDTH")
+    return sets[0][0]
+
+
+def prefix_tokens(args: argparse.Namespace) -> int:
+    """`--prefix-tokens`, default the shape's template's (vicuna_v1 or Qwen's chat)."""
+    if args.prefix_tokens is not None:
+        return args.prefix_tokens
+    return QWEN_PREFIX_TOKENS if SHAPES[args.shape]().qwen else PREFIX_TOKENS
 
 
 def options_from_args(args: argparse.Namespace, count: str) -> Options:
@@ -232,13 +272,21 @@ def run(
     if args.render is not None:
         return render_saved(args.render)
     env = prepare_environment()
-    if args.prefix_tokens < 1 or args.text_tokens < 1:
+    if prefix_tokens(args) < 1 or args.text_tokens < 1:
         print(f"{PROG}: error: prompt token counts must be >= 1", file=sys.stderr)
         return 2
     variable = SHAPES[args.shape]().variable_visual
+    if SHAPES[args.shape]().qwen and not args.flops_only:
+        print(f"{PROG}: error: Qwen-VL shapes are counted with --flops-only (timed runs are "
+              "not implemented for them yet)", file=sys.stderr)  # fmt: skip
+        return 2
     try:
         method_list(split_list(args.methods), variable, SHAPES[args.shape]().takes_video)
         sets = image_sets_from_args(args) if variable else None
+        if SHAPES[args.shape]().qwen:  # smart_resize's aspect-ratio limit, the ladder
+            wl = workload_from_args(args)
+            for images in sets.values():
+                _ = dataclasses.replace(wl, images=tuple(images)).visual_slots
     except ValueError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2

@@ -25,6 +25,12 @@ FLOPs (SPEC §8, "FLOPs = 2 x MACs, MACs/layer = 4nd^2 + 2n^2d + 3ndm"):
     without them it keeps `V1_STATIC_SHAPES_7B`'s counts (its rule is absolute). The vision
     side subtracted is the tower on every tile plus the packing gather
     (`model.llava.VISUAL_TOKENS` of the family).
+  * Qwen-VL: the same with the family's own tower (`qwen_vl.visual_tokens`:
+    `qwen_vision.visual_features` on abstract `VisionInputs` at the bucket's patch capacity,
+    then the gather into the visual slots). The tower runs its blocks in a `lax.scan` and its
+    tiled attention in loops, which XLA's cost analysis counts once: the *vision* figure is
+    that partial count, but the same ops appear in the prefill program, so the decoder (the
+    difference) is exact.
 """
 
 from __future__ import annotations
@@ -164,8 +170,11 @@ def count_config(wl: Workload) -> LlavaConfig:
 
 def abstract_inputs(wl: Workload, cfg: LlavaConfig) -> tuple[dict, Batch]:
     visual = wl.visual_slots if wl.variable else None
-    tiles = wl.tiles if wl.variable else None
-    batch = abstract_batch(cfg, wl.batch, wl.prefix_bucket, wl.text_bucket, visual, tiles)
+    tiles = wl.tiles if wl.variable and not cfg.qwen else None
+    patches = wl.patch_capacity if cfg.qwen else None
+    batch = abstract_batch(
+        cfg, wl.batch, wl.prefix_bucket, wl.text_bucket, visual, tiles, patches=patches
+    )
     return abstract_params(cfg), batch
 
 

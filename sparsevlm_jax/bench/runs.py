@@ -41,6 +41,8 @@ from sparsevlm_jax.bench.torch_side import (
 from sparsevlm_jax.bench.workloads import (
     EACH,
     IMAGE_SETS,
+    QWEN_SETS,
+    VIDEO,
     VIDEO_SETS,
     Options,
     Workload,
@@ -56,6 +58,7 @@ from sparsevlm_jax.config import LlavaConfig
 from sparsevlm_jax.eval import sparse_to_json
 from sparsevlm_jax.flops import CONVENTION
 from sparsevlm_jax.params import flatten, init_params, param_shapes
+from sparsevlm_jax.sparse.config import AUTHORS_VIDEO
 
 SCHEMA = "sparsevlm-bench/1"
 # With a deadline, no new method is compiled once this share of it has passed: the rest of
@@ -79,8 +82,15 @@ def report_header(
             "dtype": wl.count_dtype,
             "how": "prefill_jit lowered with unroll_layers=True and abstract weights; "
             "decoder = prefill - vision tower (image_features lowered alone; LLaVA-NeXT: "
-            "llava_next.visual_tokens, every tile + the packing gather); a bucketed run is "
-            "counted on the static program with the capacities it chose",
+            "llava_next.visual_tokens, every tile + the packing gather"
+            + (
+                "; Qwen-VL: qwen_vl.visual_tokens, qwen_vision.visual_features on the "
+                "bucket's patch capacity + the gather into the visual slots, its scanned "
+                "blocks counted once in both programs"
+                if wl.cfg.qwen
+                else ""
+            )
+            + "); a bucketed run is counted on the static program with the capacities it chose",
         },
     }
 
@@ -106,15 +116,16 @@ def run_flops(
             "targets": flops_targets(results),
         }
     results, visions = [], {}
-    sets = image_sets or (VIDEO_SETS if wl.cfg.takes_video else IMAGE_SETS)
+    sets = image_sets or default_sets(wl.cfg)
     for name, images in sets.items():
+        video = wl.cfg.takes_video and any(hw[0] == VIDEO for hw in images)
         if name.startswith(EACH):  # one batch per image, counts summed
             name = name[len(EACH) :]
             singles = [dataclasses.replace(wl, images=(hw,), image_set=name) for hw in images]
             per_image = []
             for one in singles:
                 vision = xla_vision_cost(one, compile_)
-                per_image.append(flops_entries(one, compile_, quiet, methods, vision))
+                per_image.append(flops_entries(one, compile_, quiet, methods, vision, video))
             entries = [sum_entries(list(es)) for es in zip(*per_image, strict=True)]
             add_reductions(entries)
             visions[name] = {"flops": sum(es[0]["flops"]["xla_vision"] for es in per_image)}
@@ -125,15 +136,21 @@ def run_flops(
                 visual_counts=[c for one in singles for c in one.visual_counts],
                 visual_slots=[one.visual_slots for one in singles],
             )
+            if wl.cfg.qwen:
+                describe.update(
+                    grids=[list(one.qwen_grid(hw)) for one in singles for hw in one.images],
+                    patch_capacity=[one.patch_capacity for one in singles],
+                )
             for e in entries:
                 results.append({"image_set": name, "workload": describe, **e})
             continue
         set_wl = dataclasses.replace(wl, images=tuple(images), image_set=name)
         visions[name] = xla_vision_cost(set_wl, compile_)
-        for e in flops_entries(set_wl, compile_, quiet, methods, visions[name]):
+        for e in flops_entries(set_wl, compile_, quiet, methods, visions[name], video):
             results.append({"image_set": name, "workload": set_wl.describe(), **e})
     header = report_header("flops", dataclasses.replace(wl, image_set=""), None, compile_)
-    for key in ("images", "visual_counts", "visual_slots", "image_set"):  # per set: results
+    per_set = ("images", "visual_counts", "visual_slots", "image_set", "grids", "patch_capacity")
+    for key in per_set:  # per set: in the results
         header["workload"].pop(key, None)
     return {
         **header,
@@ -191,17 +208,33 @@ def sum_entries(entries: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def default_sets(cfg: LlavaConfig) -> dict[str, tuple[tuple[int, int], ...]]:
+    """FLOPs-only image sets of a shape without `--images`."""
+    if cfg.qwen:
+        return dict(QWEN_SETS)
+    return dict(VIDEO_SETS if cfg.takes_video else IMAGE_SETS)
+
+
 def flops_entries(
-    wl: Workload, compile_: bool, quiet: bool, methods: Sequence[str], vision: dict[str, float]
+    wl: Workload,
+    compile_: bool,
+    quiet: bool,
+    methods: Sequence[str],
+    vision: dict[str, float],
+    video: bool | None = None,
 ) -> list[dict[str, Any]]:
-    """One FLOPs entry per method on one workload, with reductions vs its dense entry."""
+    """One FLOPs entry per method on one workload, with reductions vs its dense entry.
+    `video`: whether the authors' video preset runs (default: the family takes videos and
+    an example is one)."""
     from tqdm.auto import tqdm
 
     results = []
     desc = f"FLOPs {wl.shape}" + (f" {wl.image_set}" if wl.image_set else "")
-    for method, budget in tqdm(
-        method_list(methods, wl.variable, wl.cfg.takes_video), desc=desc, disable=quiet
-    ):
+    if video is None:
+        video = wl.cfg.takes_video and wl.has_video
+    if not video:  # asked for on a set without a video: nothing to run
+        methods = [m for m in methods if m != AUTHORS_VIDEO] or (["dense"] if methods else [])
+    for method, budget in tqdm(method_list(methods, wl.variable, video), desc=desc, disable=quiet):
         sparse = bench_sparse_config(method, budget, wl.cfg, visual_counts=wl.visual_counts)
         cost, kv = xla_prefill_cost(wl, sparse, compile_)
         if wl.variable:  # long sequences: the block-skipped attention is a visible share

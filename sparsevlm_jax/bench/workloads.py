@@ -16,6 +16,14 @@ width): each example's visual count follows from its aspect ratio (`anyres`), th
 largest is rounded up to the visual ladder (`Buckets.visual`), and the presets are the
 family's (`variable_visual_budgets`: schedules written for 576 tokens scale with each
 example's count, SPEC §9.3). A FLOPs-only run counts them on image sets (`IMAGE_SETS`).
+
+Qwen-VL shapes (families qwen2_vl / qwen2_5_vl) take the same items: an image's visual count
+is its `smart_resize` grid at the processor's pixel budget (`Workload.qwen_settings`, default
+`QwenPreprocess()`: at most 1280 tokens an image), a video of N frames (`Nf`) has frames of
+`Workload.video_frame` pixels (default 448x448), one token per 28x28 pixels per frame pair
+within the video budget. The tower's patch capacity is the visual slots x 4 (`qwen_images.
+patch_capacity`, the same ladder), and the prompt is Qwen's chat template (`QWEN_PREFIX_TOKENS`).
+Default FLOPs-only sets: `QWEN_SETS`.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import numpy as np
 from sparsevlm_jax.batch import Buckets
 from sparsevlm_jax.config import LlavaConfig
 from sparsevlm_jax.params import flatten, param_shapes, unflatten
+from sparsevlm_jax.qwen_images import QwenPreprocess
 from sparsevlm_jax.sparse.config import (
     AUTHORS_VIDEO,
     NEXT_BUDGETS,
@@ -44,6 +53,10 @@ from sparsevlm_jax.sparse.config import (
 )
 
 PREFIX_TOKENS = 35  # vicuna_v1 system prompt + "USER: " before the image
+# Qwen2(.5)-VL's chat template up to the first pad: "<|im_start|>system\nYou are a helpful
+# assistant.<|im_end|>\n<|im_start|>user\n<|vision_start|>"; the text after the pads starts
+# with <|vision_end|> and ends with "<|im_end|>\n<|im_start|>assistant\n".
+QWEN_PREFIX_TOKENS = 15
 TEXT_TOKENS = 60  # a realistic question + " ASSISTANT:" after the image
 
 
@@ -68,6 +81,10 @@ IMAGE_SETS: dict[str, tuple[Size, ...]] = {
 # Video shapes (LLaVA-NeXT-Video): a video of N frames is the item (VIDEO, N), written "Nf".
 VIDEO = 0
 VIDEO_SETS: dict[str, tuple[Size, ...]] = {f"{n}-frames": ((VIDEO, n),) for n in (8, 16, 32)}
+# Qwen-VL FLOPs-only sets: a 1080p frame at the image budget (1,222 tokens) and a 32-frame
+# 448x448 clip (4,096 tokens), each its own batch.
+QWEN_FRAME: Size = (448, 448)
+QWEN_SETS: dict[str, tuple[Size, ...]] = {"1080x1920": ((1080, 1920),), "32-frames": ((VIDEO, 32),)}
 # The timed (full) run's image on LLaVA-NeXT shapes.
 TIMED_IMAGES: tuple[Size, ...] = ((480, 640),)
 
@@ -117,6 +134,8 @@ class Workload:
     count_dtype: str = "float32"
     images: tuple[Size, ...] = ()
     image_set: str = ""
+    qwen_settings: QwenPreprocess = field(default_factory=QwenPreprocess)
+    video_frame: Size = QWEN_FRAME
 
     def __post_init__(self) -> None:
         if self.variable and not self.images:
@@ -124,8 +143,38 @@ class Workload:
 
     @property
     def variable(self) -> bool:
-        """Whether visual counts vary per example (LLaVA-NeXT, LLaVA-NeXT-Video)."""
+        """Whether visual counts vary per example (LLaVA-NeXT, LLaVA-NeXT-Video, Qwen-VL)."""
         return self.cfg.variable_visual
+
+    @property
+    def has_video(self) -> bool:
+        """Whether an example is a video (the authors' video preset runs only then)."""
+        return any(hw[0] == VIDEO for hw in self.images)
+
+    def qwen_grid(self, hw: Size) -> tuple[int, int, int]:
+        """The (t, h, w) patch grid of a Qwen-VL item: an image (height, width) resized within
+        the image budget, or a video (VIDEO, frames) of `video_frame` pixels within the video
+        budget (frames padded to the temporal patch, as the processor repeats the last)."""
+        from sparsevlm_jax.qwen_images import smart_resize
+
+        vcfg, st = self.cfg.qwen_vision, self.qwen_settings
+        factor = vcfg.patch_size * vcfg.spatial_merge_size
+        if hw[0] == VIDEO:
+            h, w = smart_resize(*self.video_frame, factor, st.video_min_pixels,
+                                st.video_max_pixels)  # fmt: skip
+            t = -(-hw[1] // vcfg.temporal_patch_size)
+        else:
+            (h, w), t = smart_resize(*hw, factor, st.min_pixels, st.max_pixels), 1
+        return t, h // vcfg.patch_size, w // vcfg.patch_size
+
+    @property
+    def patch_capacity(self) -> int:
+        """Qwen-VL: the tower's patch rows per example (the largest example's bucket)."""
+        from sparsevlm_jax.qwen_images import patch_capacity
+
+        vcfg = self.cfg.qwen_vision
+        return patch_capacity(max(vcfg.merge_unit * v for v in self.visual_counts),
+                              vcfg.merge_unit)  # fmt: skip
 
     @property
     def batch(self) -> int:
@@ -136,6 +185,9 @@ class Workload:
         """Valid visual tokens of each example (V0)."""
         if not self.variable:
             return [self.cfg.num_image_tokens]
+        if self.cfg.qwen:
+            mu = self.cfg.qwen_vision.merge_unit
+            return [int(np.prod(self.qwen_grid(hw))) // mu for hw in self.images]
         from sparsevlm_jax.anyres import num_visual_tokens
         from sparsevlm_jax.presets import anyres_spec
 
@@ -199,11 +251,34 @@ class Workload:
             "hidden_size": t.hidden_size,
             "intermediate_size": t.intermediate_size,
             "num_heads": t.num_attention_heads,
-            "vision_hidden_size": self.cfg.vision.hidden_size,
+            "vision_hidden_size": self.cfg.vision.hidden_size,  # CLIP (Qwen: below)
             "vision_layers_run": self.cfg.vision_layers_used,
             "max_new_tokens": self.max_new_tokens,
         }
-        if self.variable:
+        if self.cfg.qwen:
+            v, st = self.cfg.qwen_vision, self.qwen_settings
+            out.update(
+                family=self.cfg.family,
+                vision_hidden_size=v.embed_dim,
+                vision_layers_run=v.depth,
+                vision_kind=v.kind,
+                num_kv_heads=self.cfg.text.num_key_value_heads,
+                image_set=self.image_set,
+                images=[list(hw) for hw in self.images],
+                grids=[list(self.qwen_grid(hw)) for hw in self.images],
+                video_frame=list(self.video_frame),
+                pixel_budgets={
+                    "min_pixels": st.min_pixels,
+                    "max_pixels": st.max_pixels,
+                    "video_min_pixels": st.video_min_pixels,
+                    "video_max_pixels": st.video_max_pixels,
+                },
+                visual_counts=self.visual_counts,
+                visual_slots=self.visual_slots,
+                patch_capacity=self.patch_capacity,
+                visual_ladder_steps_per_octave=ladder_steps(self.buckets.visual),
+            )
+        elif self.variable:
             out.update(
                 family=self.cfg.family,
                 image_grid_pinpoints=[list(p) for p in self.cfg.image_grid_pinpoints],
