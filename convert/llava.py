@@ -56,6 +56,7 @@ TOKENIZER_FILES = (
     "special_tokens_map.json",
     "added_tokens.json",
     "preprocessor_config.json",
+    "video_preprocessor_config.json",  # Qwen-VL: the video processor's pixel budget
     "generation_config.json",
     "chat_template.jinja",  # transformers 5 / Qwen-VL: the checkpoint's chat template
     "chat_template.json",

@@ -203,6 +203,7 @@ class QwenProcessor:
             raise InputError(_one_line(e)) from None
         prefixes, texts, index, ids, positions = [], [], [], [], []
         merge = self.vision.spatial_merge_size
+        timed = self.config.tokens_per_second is not None  # Qwen2.5: video time in seconds
         for i, (row, q) in enumerate(zip(items, questions, strict=True)):
             marks = [VIDEO_PLACEHOLDER if isinstance(it, Video) else IMAGE_PLACEHOLDER
                      for it in row]  # fmt: skip
@@ -227,7 +228,7 @@ class QwenProcessor:
                 None,
                 merge,
                 second_per_grid_ts=[seconds_per_grid(it, self.vision.temporal_patch_size)
-                                    for it in row if isinstance(it, Video)] or None,
+                                    for it in row if isinstance(it, Video)] if timed else None,
                 tokens_per_second=self.config.tokens_per_second,
             )  # fmt: skip
             prefixes.append(spans[0])
@@ -239,6 +240,30 @@ class QwenProcessor:
             return make_batch(prefixes, texts, inputs, self.buckets, index, ids, positions)
         except BucketError as e:
             raise InputError(str(e)) from None
+
+    def token_frames(self, items: Sequence[Any]) -> list[tuple[int, ...] | None]:
+        """The video frames each visual token of one prompt's items (PIL images and `Video`s,
+        in order) stands for: None for an image's tokens; a video token covers one temporal
+        patch, frames (2g, 2g + 1) of its pair g (an odd count's last pair: its last frame
+        only), frames of several videos numbered on. Counts from the sizes alone."""
+        v, s = self.vision, self.settings
+        factor, tp = v.patch_size * v.spatial_merge_size, v.temporal_patch_size
+        out: list[tuple[int, ...] | None] = []
+        first = 0
+        for it in items:
+            frames = list(it.frames) if isinstance(it, Video) else [it]
+            lo, hi = (s.video_min_pixels, s.video_max_pixels) if isinstance(it, Video) else (
+                s.min_pixels, s.max_pixels)  # fmt: skip
+            h, w = qwen_images.smart_resize(frames[0].height, frames[0].width, factor, lo, hi)
+            per = (h // factor) * (w // factor)
+            if not isinstance(it, Video):
+                out += [None] * per
+                continue
+            n = len(frames)
+            for g in range(0, n, tp):
+                out += [tuple(range(first + g, first + min(g + tp, n)))] * per
+            first += n
+        return out
 
     def decode(self, ids: Sequence[int]) -> str:
         """Generated ids -> text (special tokens skipped, ids outside the vocab dropped)."""

@@ -9,9 +9,11 @@ The tokenizer is the tiny sentencepiece one (`tokenizer_fixtures`, 500 pieces, `
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 QWEN_TOKENS = (
@@ -20,6 +22,9 @@ QWEN_TOKENS = (
 )  # fmt: skip
 IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = range(502, 508)
 VOCAB = 512
+# The tiny checkpoints' video pixel budget per frame (`video_preprocessor_config.json`): small
+# frames (e.g. 112x168, 24 tokens a frame pair) need no resize.
+VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS = 56 * 56, 28 * 28 * 256
 
 # Qwen2-VL-Instruct's chat template (the hub's chat_template.json), as a user's checkpoint has it.
 CHAT_TEMPLATE = (
@@ -61,14 +66,15 @@ def qwen_tokenizer_dir() -> str:
 
 
 def tiny_qwen(kind: str = "qwen2_vl", layers: int = 4, seed: int = 0, qk_std: float = 0.3,
-              embed_std: float = 1.0):  # fmt: skip
+              embed_std: float = 1.0, vo_std: float | None = None):  # fmt: skip
     """A tiny random `Qwen2VLForConditionalGeneration` ("qwen2_vl") or
     `Qwen2_5_VLForConditionalGeneration` ("qwen2_5_vl") in float32, eval mode.
 
     Decoder: width 64, 4 heads of 16 (2 kv-heads), mrope_section (2, 3, 3). Tower: width 32,
     2 blocks (Qwen2.5: window 112 px, block 1 full attention), merged to width 64. q/k and the
     embeddings are redrawn larger (`qk_std`, `embed_std`) so attention is peaked and greedy
-    tokens have clear margins.
+    tokens have clear margins; `vo_std` also redraws v and o (the default init leaves what
+    attention brings from the visual tokens too small to change the greedy tokens).
     """
     import torch
     import transformers
@@ -103,18 +109,24 @@ def tiny_qwen(kind: str = "qwen2_vl", layers: int = 4, seed: int = 0, qk_std: fl
                 w.copy_(torch.randn(w.shape, generator=gen) * qk_std)
         emb = lm.embed_tokens.weight
         emb.copy_(torch.randn(emb.shape, generator=gen) * embed_std)
+        for layer in lm.layers if vo_std is not None else ():
+            for w in (layer.self_attn.v_proj.weight, layer.self_attn.o_proj.weight):
+                w.copy_(torch.randn(w.shape, generator=gen) * vo_std)
     return model
 
 
 def save_tiny_qwen(model, out_dir: str | Path, chat_template: bool = True) -> Path:
     """`save_pretrained` plus the tiny Qwen tokenizer (and its chat template unless told not),
-    and the image processor's settings (`preprocessor_config.json`)."""
+    the image processor's settings (`preprocessor_config.json`) and the video processor's
+    (`video_preprocessor_config.json`, written by hand: `Qwen2VLVideoProcessor` needs
+    torchvision)."""
     out = Path(out_dir)
     model.save_pretrained(out)
     for f in Path(qwen_tokenizer_dir()).iterdir():
         if f.is_file() and (chat_template or f.name != "chat_template.jinja"):
             shutil.copy(f, out / f.name)
     image_processor().save_pretrained(os.fspath(out))
+    (out / "video_preprocessor_config.json").write_text(json.dumps(VIDEO_PROCESSOR, indent=2))
     return out
 
 
@@ -125,11 +137,66 @@ def image_processor(min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 256):
     return Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
 
 
-def hf_inputs(tokenizer, images: list, question: str, processor=None, videos: tuple = ()) -> dict:
-    """transformers' model inputs for one prompt about `images` (PIL) then `videos` (lists of
-    frames as [T, H, W, 3] uint8), built as `Qwen2VLProcessor` does (its composite processor
-    needs torchvision): the chat template, each pad expanded to the item's merged-token count,
-    `mm_token_type_ids` (without it transformers silently uses 1-D positions)."""
+# What `Qwen2VLVideoProcessor(min_pixels=..., max_pixels=...).save_pretrained` writes (the
+# settings that matter; Qwen2.5-VL uses the same video processor).
+VIDEO_PROCESSOR = {
+    "video_processor_type": "Qwen2VLVideoProcessor",
+    "size": {"shortest_edge": VIDEO_MIN_PIXELS, "longest_edge": VIDEO_MAX_PIXELS},
+    "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+    "do_resize": True, "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255,
+    "do_normalize": True, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711], "do_convert_rgb": True,
+    "do_sample_frames": False,
+}  # fmt: skip
+
+
+def video_inputs(videos: Sequence) -> tuple:
+    """(pixel_values_videos [sum t*h*w, 1176] float32, video_grid_thw [n, 3]) of videos (each a
+    sequence of frames: PIL images or uint8 [H, W, 3] of one size), as `Qwen2VLVideoProcessor`
+    computes them for frames that need no resize (it needs torchvision; our size must already
+    be its `smart_resize`'s): the fused rescale-and-normalise in float32 on 0-255 values, the
+    last frame repeated to fill the temporal patch, its patchify."""
+    import numpy as np
+    import torch
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    cfg = VIDEO_PROCESSOR
+    p, m, tp = cfg["patch_size"], cfg["merge_size"], cfg["temporal_patch_size"]
+    rows, grids = [], []
+    for frames in videos:
+        arr = np.stack([np.asarray(f.convert("RGB") if hasattr(f, "convert") else f)
+                        for f in frames])  # fmt: skip
+        x = torch.from_numpy(arr).permute(0, 3, 1, 2)[None]  # [1, T, 3, H, W] uint8
+        h, w = x.shape[-2:]
+        size = smart_resize(h, w, p * m, VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS)
+        if size != (h, w):
+            raise ValueError(f"frames of {h}x{w} would be resized to {size}: pick another size")
+        # BaseVideoProcessor.rescale_and_normalize (fused: mean and std times 1 / rescale)
+        mean = torch.tensor(cfg["image_mean"]) * (1.0 / cfg["rescale_factor"])
+        std = torch.tensor(cfg["image_std"]) * (1.0 / cfg["rescale_factor"])
+        x = (x.to(torch.float32) - mean.view(-1, 1, 1)) / std.view(-1, 1, 1)
+        # Qwen2VLVideoProcessor.patchify
+        if pad := -x.shape[1] % tp:
+            x = torch.cat((x, x[:, -1:].expand(-1, pad, -1, -1, -1)), dim=1)
+        gt, gh, gw = x.shape[1] // tp, h // p, w // p
+        x = x.view(1, gt, tp, 3, gh // m, m, p, gw // m, m, p)
+        x = x.permute(0, 1, 4, 7, 5, 8, 3, 2, 6, 9).reshape(gt * gh * gw, 3 * tp * p * p)
+        rows.append(x)
+        grids.append([gt, gh, gw])
+    return torch.cat(rows), torch.tensor(grids)
+
+
+def hf_inputs(tokenizer, images: list, question: str, processor=None, videos: Sequence = (),
+              video_fps: Sequence[float] | None = None) -> dict:  # fmt: skip
+    """transformers' model inputs for one prompt about `images` (PIL) then `videos` (each a
+    sequence of frames, see `video_inputs`), built as `Qwen2VLProcessor` /
+    `Qwen2_5_VLProcessor` do (their composite processors need torchvision): the chat template,
+    each pad expanded to the item's merged-token count, `mm_token_type_ids` (without it
+    transformers silently uses 1-D positions).
+
+    video_fps: Qwen2.5-VL: each video's sampled frame rate (transformers'
+    `VideoMetadata.sampled_fps`), giving `second_per_grid_ts` = temporal patch / rate as
+    `Qwen2_5_VLProcessor` does; None (Qwen2-VL) adds none."""
     import torch
 
     processor = processor or image_processor()
@@ -143,8 +210,13 @@ def hf_inputs(tokenizer, images: list, question: str, processor=None, videos: tu
         px = processor(images=images, return_tensors="pt")
         out.update(pixel_values=px["pixel_values"], image_grid_thw=px["image_grid_thw"])
         counts += [(IMAGE_PAD, int(g.prod()) // 4) for g in px["image_grid_thw"]]
-    if videos:  # TODO(video): pixel_values_videos by hand
-        raise NotImplementedError("video inputs are not built yet")
+    if videos:
+        pixels, grid = video_inputs(videos)
+        out.update(pixel_values_videos=pixels, video_grid_thw=grid)
+        counts += [(VIDEO_PAD, int(g.prod()) // 4) for g in grid]
+        if video_fps is not None:
+            tp = VIDEO_PROCESSOR["temporal_patch_size"]
+            out["second_per_grid_ts"] = torch.tensor([tp / f for f in video_fps])
     expanded, k = [], 0
     for t in ids:
         if t in (IMAGE_PAD, VIDEO_PAD):

@@ -28,13 +28,13 @@ def sparsevlm(*argv: str | Path) -> subprocess.CompletedProcess:
     )
 
 
-def write_mp4(path: Path, frames: np.ndarray) -> None:
-    """frames [T, H, W, 3] uint8 -> an mp4 (h264 when available, else mpeg4)."""
+def write_mp4(path: Path, frames: np.ndarray, fps: int = 10) -> None:
+    """frames [T, H, W, 3] uint8 -> an mp4 at `fps` (h264 when available, else mpeg4)."""
     import av
 
     codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
     with av.open(str(path), "w") as out:
-        stream = out.add_stream(codec, rate=10)
+        stream = out.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
         for f in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):

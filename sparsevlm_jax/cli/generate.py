@@ -111,11 +111,13 @@ def run_one(
     return pipe, image, result, sparse, stats
 
 
-def frame_map(pipe: Any, items: list[Any]) -> list[int | None]:
+def frame_map(pipe: Any, items: list[Any]) -> list[Any]:
     """The frame of each visual token of a prompt's items (None for images' tokens; frames
-    of several videos numbered on)."""
+    of several videos numbered on; Qwen-VL: the tuple of frames of its temporal patch)."""
     from sparsevlm_jax.anyres import num_visual_tokens
 
+    if pipe.cfg.qwen:  # a token per pair of frames
+        return pipe.processor.token_frames(items)
     out: list[int | None] = []
     frame = 0
     per_frame = pipe.cfg.video_tokens_per_frame

@@ -78,21 +78,22 @@ def sparse_to_json(sparse: SparseConfig) -> dict[str, Any]:
 
 
 def frames_kept(
-    layers: Sequence[dict[str, Any]], frame_of: Sequence[int | None], num_frames: int
+    layers: Sequence[dict[str, Any]], frame_of: Sequence[Any], num_frames: int
 ) -> list[list[int]]:
     """Per pruning layer, how many of each video frame's tokens are still there after it.
 
-    `frame_of[i]`: the frame of the example's i-th visual token (None for an image's tokens).
-    Each layer's `kept` indexes the previous layer's kept tokens then its recycled ones
+    `frame_of[i]`: the frame of the example's i-th visual token (None for an image's tokens;
+    a tuple of frames for a token that stands for several, Qwen-VL's frame pairs: it counts for
+    each). Each layer's `kept` indexes the previous layer's kept tokens then its recycled ones
     (`check_kept`); recycled tokens belong to no frame.
     """
-    current: list[int | None] = list(frame_of)
+    current: list[Any] = list(frame_of)
     out = []
     for layer in layers:
         current = [current[int(k)] for k in layer["kept"]] + [None] * int(layer["recycled"])
         counts = [0] * num_frames
         for f in current:
-            if f is not None:
-                counts[f] += 1
+            for g in () if f is None else f if isinstance(f, tuple) else (f,):
+                counts[g] += 1
         out.append(counts)
     return out
