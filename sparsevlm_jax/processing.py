@@ -45,11 +45,13 @@ from sparsevlm_jax.prompts import (  # noqa: F401 - re-exported: processing's pu
     TEMPLATE_ALIASES,
     TEMPLATES,
     VIDEO_PLACEHOLDER,
+    ChatTemplate,
     ConvTemplate,
     build_prompt,
     describe_items,
     expanded_input_ids,
     get_template,
+    has_chat_template,
     split_prompt,
     split_spans,
     tokenizer_image_token,
@@ -74,7 +76,7 @@ class Processor:
         image_std: Sequence[float] = OPENAI_CLIP_STD,
         image_token_index: int = LLAVA_IMAGE_TOKEN_INDEX,
         num_image_tokens: int = 576,
-        template: str = "vicuna_v1",
+        template: str | None = "vicuna_v1",
         image_mode: ImageMode = "pad",
         buckets: Buckets | None = None,
         anyres: AnyresSpec | None = None,
@@ -91,7 +93,11 @@ class Processor:
         self.image_std = tuple(float(s) for s in image_std)
         self.image_token_index = int(image_token_index)
         self.num_image_tokens = int(num_image_tokens)
-        self.template = get_template(template)
+        # None: the checkpoint's own chat template when the tokenizer has one
+        if template is None and has_chat_template(tokenizer):
+            self.template: ConvTemplate | ChatTemplate = ChatTemplate(tokenizer)
+        else:
+            self.template = get_template(template or "vicuna_v1")
         if image_mode not in ("pad", "crop"):
             raise InputError(f"image mode must be 'pad' or 'crop', got {image_mode!r}")
         self.image_mode: ImageMode = image_mode
@@ -139,8 +145,10 @@ class Processor:
         Tokenizer: `AutoTokenizer.from_pretrained(ckpt_dir)` (local files only). Image
         mean/std: `preprocessor_config.json` when present, else OpenAI CLIP's. Image size,
         image token id and count: from `config`. Image mode: "pad" unless the folder's
-        config.json says `image_aspect_ratio` other than "pad" (original LLaVA). `overrides`
-        replace any constructor argument. A Qwen-VL config gets a
+        config.json says `image_aspect_ratio` other than "pad" (original LLaVA). Prompt: the
+        checkpoint's chat template when its tokenizer has one (llava-hf ships them), else
+        LLaVA's `vicuna_v1`; `template=` names one instead. `overrides` replace any
+        constructor argument. A Qwen-VL config gets a
         `sparsevlm_jax.qwen_processor.QwenProcessor` instead.
         """
         from transformers import AutoTokenizer
@@ -165,6 +173,7 @@ class Processor:
         if pre.get("image_std") is not None:
             kw["image_std"] = tuple(pre["image_std"])
         aspect = _read_json(d / "config.json").get("image_aspect_ratio")
+        kw["template"] = None  # the chat template if the tokenizer has one, else vicuna_v1
         if config.anyres:
             kw["anyres"] = _anyres_spec(d, config, pre, kw)
             kw["max_tiles"] = config.max_tiles

@@ -3,6 +3,8 @@ visual item of a prompt.
 
 Prompts: `build_prompt` reproduces LLaVA's conversation templates (`vicuna_v1`, `llava_v1`) and
 llava-hf's system-less one (`llava_hf`); `<image>` / `<video>` markers place visual items.
+`ChatTemplate` renders a checkpoint's own chat template instead (the default when the
+tokenizer has one and no template is named).
 
 Tokens: `split_prompt` / `split_spans` return the ids around the items, in one of two styles
 picked by the sign of `image_token_index`:
@@ -62,11 +64,66 @@ class ConvTemplate:
         if not found:
             items = "".join(f"{m}\n" for m in marks)
             return f"{head}{user}: {items}{q}{self.sep}{assistant}:"
-        if found != marks:
-            kinds = [(m, found.count(m)) for m in (IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER)]
-            have = " and ".join(f"{n} {m}" for m, n in kinds if n)
-            raise InputError(f"the prompt has {have} markers for {describe_items(marks)}")
+        check_markers(found, marks)
         return f"{head}{user}: {question.strip()}{self.sep}{assistant}:"
+
+
+class ChatTemplate:
+    """A checkpoint's own chat template (the tokenizer's `chat_template`) as a one-turn prompt
+    builder with `ConvTemplate.prompt`'s interface.
+
+    The user turn's content is the visual items, then the question; a question with its own
+    `<image>` / `<video>` markers places the items inside it instead. Items render however the
+    template renders an `{"type": "image"}` / `{"type": "video"}` entry (llava-hf: `<image>`;
+    Qwen-VL: `<|vision_start|><|image_pad|><|vision_end|>`); the generation prompt follows.
+    """
+
+    name = "chat_template"
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+
+    def prompt(
+        self, question: str, num_images: int = 1, placeholders: Sequence[str] | None = None
+    ) -> str:
+        marks = list(placeholders) if placeholders is not None else [IMAGE_PLACEHOLDER] * num_images
+        found = MARKER_RE.findall(question)
+        check_markers(found, marks)
+        if not MARKER_RE.sub("", question).strip():
+            raise InputError("empty prompt")
+        kind = {IMAGE_PLACEHOLDER: "image", VIDEO_PLACEHOLDER: "video"}
+        content: list[dict[str, str]] = []
+        if found:  # the question places its items
+            for i, piece in enumerate(MARKER_RE.split(question)):
+                if piece:
+                    content.append({"type": "text", "text": piece})
+                if i < len(marks):
+                    content.append({"type": kind[marks[i]]})
+        else:
+            content = [{"type": kind[m]} for m in marks]
+            content.append({"type": "text", "text": question.strip()})
+        messages = [{"role": "user", "content": content}]
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
+        except Exception as e:  # noqa: BLE001 - any template failure is the checkpoint's
+            msg = " ".join(str(e).split())
+            raise InputError(f"the checkpoint's chat template failed: {msg}") from None
+
+
+def check_markers(found: Sequence[str], marks: Sequence[str]) -> None:
+    """InputError unless a question's markers `found` are none or exactly `marks`."""
+    if found and list(found) != list(marks):
+        kinds = [(m, list(found).count(m)) for m in (IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER)]
+        have = " and ".join(f"{n} {m}" for m, n in kinds if n)
+        raise InputError(f"the prompt has {have} markers for {describe_items(marks)}")
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    """Whether the tokenizer carries a chat template (chat_template.jinja / .json or its
+    config's)."""
+    return bool(getattr(tokenizer, "chat_template", None))
 
 
 def describe_items(marks: Sequence[str]) -> str:

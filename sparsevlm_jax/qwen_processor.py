@@ -35,8 +35,11 @@ from sparsevlm_jax.prompts import (
     IMAGE_PLACEHOLDER,
     MARKER_RE,
     VIDEO_PLACEHOLDER,
+    ChatTemplate,
+    ConvTemplate,
     describe_items,
     get_template,
+    has_chat_template,
 )
 from sparsevlm_jax.video import Video
 
@@ -65,8 +68,11 @@ class QwenProcessor:
         self.vision = config.qwen_vision
         self.settings = image_settings
         self.image_mean, self.image_std = image_settings.image_mean, image_settings.image_std
-        self.template = None if template is None else get_template(template)
-        if self.template is None and not getattr(tokenizer, "chat_template", None):
+        if template is not None:
+            self.template: ConvTemplate | ChatTemplate = get_template(template)
+        elif has_chat_template(tokenizer):
+            self.template = ChatTemplate(tokenizer)
+        else:
             raise InputError(
                 "the checkpoint has no chat template (chat_template.jinja, chat_template.json "
                 "or the tokenizer config's); pass --template to use a LLaVA template"
@@ -96,10 +102,16 @@ class QwenProcessor:
         d = Path(ckpt_dir)
         pixels = {k: overrides.pop(k) for k in ("min_pixels", "max_pixels") if k in overrides}
         overrides.pop("image_mode", None)  # LLaVA's pad / crop: not a Qwen setting
-        settings = qwen_images.QwenPreprocess.from_hf(
-            _read_json(d / "preprocessor_config.json"),
-            _read_json(d / "video_preprocessor_config.json") or None,
+        image_cfg = _read_json(d / "preprocessor_config.json")
+        # the video processor's settings where transformers 5 finds them: the composite
+        # processor's "video_processor" entry, its own file, else the image processor's file
+        video_cfg = (
+            _read_json(d / "processor_config.json").get("video_processor")
+            or _read_json(d / "video_preprocessor_config.json")
+            or image_cfg
+            or None
         )
+        settings = qwen_images.QwenPreprocess.from_hf(image_cfg, video_cfg)
         if pixels:
             settings = dataclasses.replace(settings, **pixels)
         if settings.min_pixels > settings.max_pixels:
@@ -120,34 +132,10 @@ class QwenProcessor:
     def prompt(self, question: str, marks: Sequence[str] = (IMAGE_PLACEHOLDER,)) -> str:
         """The prompt string, one `<|vision_start|>...<|vision_end|>` span per visual item."""
         marks = list(marks)
-        found = MARKER_RE.findall(question)
-        if found and found != marks:
-            kinds = [(m, found.count(m)) for m in (IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER)]
-            have = " and ".join(f"{n} {m}" for m, n in kinds if n)
-            raise InputError(f"the prompt has {have} markers for {describe_items(marks)}")
-        if not MARKER_RE.sub("", question).strip():
-            raise InputError("empty prompt")
-        if self.template is not None:
-            text = self.template.prompt(question, len(marks), marks)
-            return MARKER_RE.sub(lambda m: VISION_SPAN[m.group(0)], text)
-        content: list[dict[str, str]] = []
-        if found:  # the question places its items
-            pieces = MARKER_RE.split(question)
-            for i, piece in enumerate(pieces):
-                if piece:
-                    content.append({"type": "text", "text": piece})
-                if i < len(marks):
-                    content.append({"type": "image" if marks[i] == IMAGE_PLACEHOLDER else "video"})
-        else:
-            content = [{"type": "image" if m == IMAGE_PLACEHOLDER else "video"} for m in marks]
-            content.append({"type": "text", "text": question.strip()})
-        messages = [{"role": "user", "content": content}]
-        try:
-            return self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True
-            )
-        except Exception as e:  # noqa: BLE001 - a template error is the checkpoint's problem
-            raise InputError(f"the checkpoint's chat template failed: {_one_line(e)}") from None
+        if isinstance(self.template, ChatTemplate):
+            return self.template.prompt(question, len(marks), marks)
+        text = self.template.prompt(question, len(marks), marks)
+        return MARKER_RE.sub(lambda m: VISION_SPAN[m.group(0)], text)
 
     def encode_spans(
         self, question: str, num_images: int, placeholders: Sequence[str] | None = None

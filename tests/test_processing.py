@@ -400,3 +400,41 @@ def test_from_pretrained_placeholder_and_missing(tmp_path):
     assert proc.style == "placeholder" and len(proc.tokenizer) == 500
     with pytest.raises(InputError, match="tokenizer"):
         Processor.from_pretrained(tmp_path / "empty_dir_that_is_missing", _tiny_config(-200))
+
+
+# llava-hf's chat template (llava-1.5-7b-hf's chat_template.json, images first)
+LLAVA_HF_CHAT = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}"
+    "{{ message['role'].upper() + ': '}}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' '}}{% endfor %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def test_checkpoint_chat_template_is_the_default_prompt(tmp_path):
+    """A checkpoint whose tokenizer ships a chat template gets its prompts from it unless a
+    template is named; one without keeps LLaVA's vicuna_v1."""
+    from sparsevlm_jax.prompts import ChatTemplate
+
+    d = tmp_path / "ckpt"
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir("expand"))
+    idx = tok.convert_tokens_to_ids("<image>")
+    cfg = LlavaConfig(image_token_index=idx)
+    tok.save_pretrained(d)
+    plain = Processor.from_pretrained(d, cfg)
+    assert plain.template.name == "vicuna_v1"
+    tok.chat_template = LLAVA_HF_CHAT
+    tok.save_pretrained(d)
+    proc = Processor.from_pretrained(d, cfg)
+    assert isinstance(proc.template, ChatTemplate)
+    assert proc.prompt("What is it?") == "USER: <image>\nWhat is it? ASSISTANT:"
+    assert proc.prompt("What is it?") == build_prompt("What is it?", "llava_hf")
+    prefix, text = proc.encode("What is it?")
+    assert tok.decode(text).startswith("\nWhat is it?")
+    named = Processor.from_pretrained(d, cfg, template="vicuna_v1")
+    assert named.prompt("What is it?") == build_prompt("What is it?", "vicuna_v1")
+    with pytest.raises(InputError, match="2 <image> markers for 1 image"):
+        proc.encode_spans("<image> and <image>?", 1)
