@@ -282,3 +282,19 @@ def test_visualize_draws_kept_cells_on_the_original_image(work, tmp_path):
     src = np.asarray(Image.open(work.images[3]).resize((448, 299), Image.BICUBIC), np.int32)
     lit = np.mean(np.abs(view - src).max(axis=2) <= 1)
     assert abs(lit - kept / 77) < 0.05, (lit, kept)
+
+
+def test_visualize_video_draws_a_column_per_frame_pair(work, tmp_path):
+    from video_helpers import write_mp4
+
+    rng = np.random.default_rng(2)
+    coarse = rng.integers(0, 255, (10, 4, 6, 3), dtype=np.uint8)
+    write_mp4(tmp_path / "clip.mp4", coarse.repeat(28, axis=1).repeat(28, axis=2))
+    out = tmp_path / "video.png"
+    r = sparsevlm("visualize", "--model", work.dir / "ckpt", "--video", tmp_path / "clip.mp4",
+                  "--frames", 6, "--prompt", "What happens?", "--sparse", "v1_5", "--budget", 64,
+                  "--layers", "1,2", "--max-new-tokens", 2, "--out", out)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "72 visual tokens" in r.stdout  # 3 pairs x 4x6 cells of 28 px
+    with Image.open(out) as img:
+        assert img.width >= 3 * 112 and img.height > 3 * 100  # 3 columns, 3 rows

@@ -19,9 +19,14 @@ def cmd_visualize(args: argparse.Namespace) -> int:
 
     pipe, image, result, _, stats = run_one(args, picture=args.out)
     if isinstance(image, Video):
-        from sparsevlm_jax.visualize_video import video_picture
+        if pipe.cfg.qwen:  # a token per 28x28 cell per frame pair
+            from sparsevlm_jax.visualize_qwen import render_qwen_video
 
-        picture = video_picture(image, pipe.processor, pipe.cfg, stats["layers"])
+            picture = render_qwen_video(image, pipe.processor, stats["layers"])
+        else:
+            from sparsevlm_jax.visualize_video import video_picture
+
+            picture = video_picture(image, pipe.processor, pipe.cfg, stats["layers"])
     else:
         picture = kept_picture(image, pipe.processor, pipe.cfg, stats["layers"])
     from sparsevlm_jax.eval import environment_errors
