@@ -308,12 +308,24 @@ def array_from_shards(
 
 
 def shard_batch(batch: Any, mesh: Mesh) -> Any:
-    """A `Batch` (any pytree of [B, ...] arrays) with B split over data."""
-    b = jax.tree.leaves(batch)[0].shape[0]
+    """A `Batch` (any pytree of [B, ...] arrays) with B split over data.
+
+    B is the prompt's batch size (`prefix_ids`, else the first leaf's); a leaf without that
+    leading axis (a tower input shared by the batch, e.g. Qwen-VL's attention tile ranges) is
+    replicated. A sharding is only a layout: the program computes the same either way.
+    """
+    ids = getattr(batch, "prefix_ids", None)
+    b = (ids if ids is not None else jax.tree.leaves(batch)[0]).shape[0]
     data = int(mesh.shape[DATA])
     if b % data:
         raise InputError(f"a batch of {b} does not split over data={data}: use a multiple")
-    return jax.device_put(batch, NamedSharding(mesh, BATCH))
+    split, whole = NamedSharding(mesh, BATCH), NamedSharding(mesh, P())
+
+    def place(x: Any) -> Any:
+        batched = getattr(x, "ndim", 0) >= 1 and x.shape[0] == b
+        return jax.device_put(x, split if batched else whole)
+
+    return jax.tree.map(place, batch)
 
 
 def params_mesh(params: dict) -> Mesh | None:

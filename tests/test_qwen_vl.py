@@ -298,3 +298,35 @@ def test_visualize_video_draws_a_column_per_frame_pair(work, tmp_path):
     assert "72 visual tokens" in r.stdout  # 3 pairs x 4x6 cells of 28 px
     with Image.open(out) as img:
         assert img.width >= 3 * 112 and img.height > 3 * 100  # 3 columns, 3 rows
+
+
+def test_mesh_answers_equal_one_devices(work, tmp_path):
+    """On 4 forced host devices (data=2, model=2) a pruned eval writes one device's answers
+    and decisions (the tower's shared inputs replicated, the batch split over data)."""
+    import os
+    import subprocess
+
+    from video_helpers import ENV, SCRIPT
+
+    lines = [{"question_id": k, "image": str(work.images[i]), "text": QUESTIONS[k]}
+             for k, i in enumerate((3, 1))]  # fmt: skip
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    answers = {}
+    for name, extra, env in (
+        ("one", [], ENV),
+        ("mesh", ["--mesh", "data=2,model=2"],
+         {**ENV, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")
+          + " --xla_force_host_platform_device_count=4"}),
+    ):  # fmt: skip
+        out = tmp_path / f"{name}.jsonl"
+        argv = [SCRIPT, "eval", "--model", work.dir / "ckpt", "--questions", tmp_path / "q.jsonl",
+                "--image-folder", "/", "--answers", out, "--batch-size", "2", "--max-new-tokens",
+                str(NEW_TOKENS), "--sparse", "v2_0", "--budget", "64", "--layers", "1,2",
+                "--quiet", *extra]  # fmt: skip
+        r = subprocess.run(list(map(str, argv)), env=env, capture_output=True, text=True,
+                           timeout=300)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        rows = sorted((json.loads(x) for x in out.read_text().splitlines()),
+                      key=lambda x: x["question_id"])  # fmt: skip
+        answers[name] = [(x["text"], x["metadata"]["layers"]) for x in rows]
+    assert answers["mesh"] == answers["one"]
