@@ -157,13 +157,7 @@ def render(
         patches = {t for t in tokens if t is not None}
         caption = layer_caption(layer, num_image_tokens, len(patches))
         panels.append(draw_panel(rgb, patch_size, patches, caption, scale))
-    width = sum(p.width for p in panels) + GAP * (len(panels) - 1)
-    out = Image.new("RGB", (width, panels[0].height), "white")
-    x = 0
-    for p in panels:
-        out.paste(p, (x, 0))
-        x += p.width + GAP
-    return out
+    return side_by_side(panels)
 
 
 def image_format(path: str | os.PathLike) -> str:
@@ -378,13 +372,7 @@ def render_anyres(image: Image.Image, spec: Any, layers: Sequence[dict[str, Any]
             mask = region_mask(boxes[kept[kinds[kept] == kind]], scale, shape)
             views.append(_view(rgb, mask, f"{name}: {counts[kind]} of {total} patches kept"))
         panels.append(_panel(caption, *views))
-    width = sum(p.width for p in panels) + GAP * (len(panels) - 1)
-    out = Image.new("RGB", (width, panels[0].height), "white")
-    x = 0
-    for p in panels:
-        out.paste(p, (x, 0))
-        x += p.width + GAP
-    return out
+    return side_by_side(panels)
 
 
 def _draw_tile_edges(view: Image.Image, size: tuple[int, int], spec: Any, scale: float) -> None:
@@ -405,13 +393,27 @@ def _draw_tile_edges(view: Image.Image, size: tuple[int, int], spec: Any, scale:
             draw.line([(round(x), LABEL), (round(x), view.height)], fill=OUTLINE)
 
 
-def _panel(caption: Sequence[str], top: Image.Image, bottom: Image.Image) -> Image.Image:
-    """A caption over two views stacked with a gap; at least MIN_PANEL wide for the text."""
-    width = max(top.width, MIN_PANEL)
-    panel = Image.new("RGB", (width, CAPTION + top.height + GAP + bottom.height), "white")
-    panel.paste(top, (0, CAPTION))
-    panel.paste(bottom, (0, CAPTION + top.height + GAP))
+def _panel(caption: Sequence[str], *views: Image.Image) -> Image.Image:
+    """A caption over views stacked with gaps; at least MIN_PANEL wide for the text."""
+    width = max(views[0].width, MIN_PANEL)
+    height = CAPTION + sum(v.height for v in views) + GAP * (len(views) - 1)
+    panel = Image.new("RGB", (width, height), "white")
+    y = CAPTION
+    for v in views:
+        panel.paste(v, (0, y))
+        y += v.height + GAP
     draw = ImageDraw.Draw(panel)
     for i, line in enumerate(caption[:2]):
         draw.text((2, 2 + 18 * i), line, fill="black", font=_font())
     return panel
+
+
+def side_by_side(panels: Sequence[Image.Image]) -> Image.Image:
+    """Panels left to right, GAP apart, on white (as tall as the first)."""
+    width = sum(p.width for p in panels) + GAP * (len(panels) - 1)
+    out = Image.new("RGB", (width, panels[0].height), "white")
+    x = 0
+    for p in panels:
+        out.paste(p, (x, 0))
+        x += p.width + GAP
+    return out

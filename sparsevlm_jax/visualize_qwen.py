@@ -20,13 +20,14 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from sparsevlm_jax.visualize import (
-    CAPTION,
     GAP,
     MIN_PANEL,
     _font,
+    _panel,
     _view,
     compose_kept,
     region_mask,
+    side_by_side,
 )
 
 VIEW = 448  # long side of each drawn view of the original image, pixels
@@ -73,23 +74,7 @@ def render_qwen(
         ]
         mask = region_mask(boxes[kept], scale, shape)
         panels.append(_panel(caption, _view(rgb, mask, f"{len(kept)} of {v0} cells kept")))
-    width = sum(p.width for p in panels) + GAP * (len(panels) - 1)
-    out = Image.new("RGB", (width, panels[0].height), "white")
-    x = 0
-    for p in panels:
-        out.paste(p, (x, 0))
-        x += p.width + GAP
-    return out
-
-
-def _panel(caption: Sequence[str], view: Image.Image) -> Image.Image:
-    width = max(view.width, MIN_PANEL)
-    panel = Image.new("RGB", (width, CAPTION + view.height), "white")
-    panel.paste(view, (0, CAPTION))
-    draw = ImageDraw.Draw(panel)
-    for i, line in enumerate(caption[:2]):
-        draw.text((2, 2 + 18 * i), line, fill="black", font=_font())
-    return panel
+    return side_by_side(panels)
 
 
 def render_qwen_video(video: Any, processor: Any, layers: Sequence[dict[str, Any]]) -> Image.Image:
