@@ -1,6 +1,10 @@
-"""`sparsevlm bench --flops-only` on Qwen-VL shapes: the presets against the hub's config.json,
-the workload's visual counts and abstract inputs against the host-side preprocessing, and a
-lowered-count run of `mini-qwen` through the installed command."""
+"""`sparsevlm bench` on Qwen-VL shapes: the presets against the hub's config.json, the
+workload's visual counts and abstract inputs against the host-side preprocessing, a
+lowered-count FLOPs-only run of `mini-qwen` through the installed command; the timed run's
+inputs (our positions = transformers' get_rope_index, the transformers config's shape = ours)
+and a one-round timed run of `mini-qwen` through the installed command (JAX vs transformers'
+Qwen2_5_VLForConditionalGeneration and the PyTorch reference, same weights: same last-token
+logits, same pruning decisions)."""
 
 from __future__ import annotations
 
@@ -99,10 +103,6 @@ def test_abstract_inputs_match_the_host_preprocessing():
         assert batch.positions.shape == (1, p + v + t, 3) and batch.visual_index.shape == (1, v)
 
 
-def test_timed_run_is_refused():
-    assert bench.main(["--shape", "mini-qwen", "--no-save", "--quiet"]) == 2
-
-
 def test_flops_only_through_the_installed_command(tmp_path):
     """A small image and a 4-frame clip on `mini-qwen`, dense + v1.5 at 160 + the authors'
     video preset (which runs on the clip only)."""
@@ -130,3 +130,107 @@ def test_flops_only_through_the_installed_command(tmp_path):
     md = (tmp_path / "mini-qwen-flops.md").read_text()
     assert "Qwen2.5-VL tower" in md and "## Image set `4f`" in md and "| v1_5-160 |" in md
     assert (tmp_path / "mini-qwen-flops.png").exists()
+
+
+# --- timed runs ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", ["qwen2-vl-7b", "qwen2.5-vl-7b", "mini-qwen"])
+def test_transformers_config_has_our_shape(shape):
+    """The timed run's transformers model (`hf_qwen_config`) converts back to the shape: both
+    towers, M-RoPE, the token ids."""
+    pytest.importorskip("transformers")
+    from sparsevlm_jax.bench.torch_side import hf_qwen_config, same_shape
+
+    cfg = SHAPES[shape]()
+    back = LlavaConfig.from_hf(hf_qwen_config(cfg).to_dict())
+    assert same_shape(cfg, back) and back.text.rms_norm_eps == cfg.text.rms_norm_eps
+    ids = ("image_token_index", "video_token_index", "vision_start_token_id")
+    assert [getattr(back, k) for k in ids] == [getattr(cfg, k) for k in ids]
+
+
+@pytest.mark.parametrize("item", [(336, 448), (VIDEO, 3)])
+def test_timed_inputs_are_transformers(item):
+    """The timed run's inputs: the torch side gets the item's rows in the processor's order
+    (`VisionInputs.patches` holds them in the tower's window order), and our M-RoPE positions
+    are those transformers' `get_rope_index` computes from the torch side's ids, grids and
+    `mm_token_type_ids` (a 3-frame video: 2 frame pairs, 1 s each on Qwen2.5's time axis)."""
+    torch = pytest.importorskip("torch")
+    from sparsevlm_jax.bench.torch_side import hf_model_class, hf_qwen_config, torch_qwen_inputs
+    from sparsevlm_jax.bench.workloads import qwen_inputs, qwen_prompt_ids
+
+    cfg = SHAPES["mini-qwen"]()
+    wl = bench.Workload("mini-qwen", cfg, prefix_tokens=15, images=(item,))
+    prefix, text = qwen_prompt_ids(wl)
+    assert prefix[-1] == cfg.vision_start_token_id and text[0] == cfg.vision_start_token_id + 1
+    q = qwen_inputs(wl, prefix, text)
+    count = wl.visual_counts[0]
+    assert q.grids == [wl.qwen_grid(item)] and len(q.rows[0]) == 4 * count
+    rows = np.asarray(q.pixels.patches[0, : 4 * count])
+    assert not np.array_equal(rows, q.rows[0])  # windows of 4 x 4 groups: another order
+    assert np.array_equal(np.sort(rows, axis=0), np.sort(q.rows[0], axis=0))
+    ids, pix = torch_qwen_inputs(wl, q, "cpu")
+    kw = pix.kwargs()
+    video = item[0] == VIDEO
+    assert set(kw) == ({"pixel_values_videos", "video_grid_thw", "second_per_grid_ts",
+                        "mm_token_type_ids"} if video else
+                       {"pixel_values", "image_grid_thw", "mm_token_type_ids"})  # fmt: skip
+    assert int((kw["mm_token_type_ids"] == (2 if video else 1)).sum()) == count
+    with torch.device("meta"):
+        model = hf_model_class(cfg)._from_config(hf_qwen_config(cfg))
+    grids = {k: v for k, v in kw.items() if k.endswith("_thw") or k == "second_per_grid_ts"}
+    want, _ = model.model.get_rope_index(ids, mm_token_type_ids=kw["mm_token_type_ids"], **grids)
+    assert np.array_equal(want[:, 0].T.numpy(), q.positions[0])
+    if video:  # the time axis steps by tokens_per_second x 1 s per frame pair
+        t = q.positions[0][len(prefix) : len(prefix) + count, 0]
+        assert sorted(set(t.tolist())) == [len(prefix), len(prefix) + 2]
+
+
+def test_timed_run_through_the_installed_command(tmp_path):
+    """One round of everything (no timing asserted): dense JAX vs transformers'
+    Qwen2_5_VLForConditionalGeneration, v1.5 at 320 vs the reference, same converted weights;
+    the last-token logits agree to float rounding on both (wrong pixel order or 1-D positions
+    on the torch side give ~1e-2), the reference keeps and recycles what JAX does, and the
+    per-layer counts are those the FLOPs-only path assumes."""
+    pytest.importorskip("torch")
+    from sparsevlm_jax.bench.counts import expected_counts
+    from sparsevlm_jax.sparse.config import named_sparse_config
+
+    argv = ["bench", "--shape", "mini-qwen", "--images", "224x336", "--methods", "v1_5-320",
+            "--warmup", "0", "--repeat", "1", "--decode-steps", "1", "--ttft-repeat", "1",
+            "--max-new-tokens", "4", "--count", "lowered", "--quiet", "--json",
+            "--out", str(tmp_path)]  # fmt: skip
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    r = subprocess.run([SCRIPT, *argv], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"mini-qwen-cpu.{x}" for x in
+                                                          ("json", "md", "png")]  # fmt: skip
+    wl = report["workload"]
+    assert report["kind"] == "full" and report["init"] == "convert"
+    assert wl["family"] == "qwen2_5_vl" and wl["grids"] == [[1, 16, 24]]
+    assert wl["visual_counts"] == [96] and wl["prefix_tokens"] == 15
+    dense, v15 = report["results"]
+    assert dense["torch"]["torch"]["impl"] == "TorchDense"  # Qwen2_5_VLForConditionalGeneration
+    assert v15["torch"]["torch"]["impl"] == "TorchReference"
+    for e in (dense, v15):
+        t = e["torch"]["torch"]
+        assert t["first_token"] == t["jax_first_token"]
+        assert t["logits_max_rel_diff_vs_jax"] < 1e-4, e["label"]
+        assert e["jax"]["prefill"]["runs"] == 1 and t["prefill"]["runs"] == 1
+        assert t["decode_step"]["runs"] == 1 and t["ttft"]["runs"] == 1
+    # equal decisions: the reference kept and recycled what JAX did
+    assert v15["torch"]["torch"]["budget"] == v15["pruning"]["budget"]
+    assert v15["torch"]["torch"]["recycled"] == v15["pruning"]["recycled"]
+    sparse = named_sparse_config("v1_5", 320, 32, variable_visual=True)
+    assert v15["visual_tokens_per_example"] == [expected_counts(sparse, 96, 32)[0]]
+    assert v15["torch"]["torch"]["equivalent_tokens"] == pytest.approx(v15["equivalent_tokens"])
+    ratios = v15["ratios"]
+    assert {"torch_over_jax_prefill", "latency_vs_xla_total_flops"} <= set(ratios)
+    assert 0 < v15["flops_ratio"]["xla_total"] < 1
+    md = (tmp_path / "mini-qwen-cpu.md").read_text()
+    for row in ("| dense | JAX |", "| dense | PyTorch |", "| v1_5-320 | JAX |",
+                "| v1_5-320 | PyTorch |"):  # fmt: skip
+        assert row in md
+    assert "inputs 224×336 (patch grids t×h×w 1×16×24" in md
+    assert "first tokens equal in 2 of 2 runs" in md

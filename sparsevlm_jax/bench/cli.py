@@ -22,6 +22,7 @@ from sparsevlm_jax.bench.workloads import (
     QWEN_FRAME,
     QWEN_PREFIX_TOKENS,
     QWEN_SETS,
+    QWEN_TIMED_IMAGES,
     TEXT_TOKENS,
     TIMED_IMAGES,
     VIDEO,
@@ -60,6 +61,7 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "  sparsevlm bench --shape qwen2.5-vl-7b --flops-only --images '1080x1920;32f'\n"
         "  sparsevlm bench --shape mini\n"
         "  sparsevlm bench --shape mini-next --images 480x640\n"
+        "  sparsevlm bench --shape mini-qwen --images 720x1280\n"
         "  sparsevlm bench --shape llava-1.5-7b --dtype bfloat16   # on a GPU",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -88,11 +90,13 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     sets = "; ".join(f"{k}={','.join(f'{h}x{w}' for h, w in v)}" for k, v in IMAGE_SETS.items())
     timed = ",".join(f"{h}x{w}" for h, w in TIMED_IMAGES)
     qwen = "; ".join(f"{k}={','.join(map(item_name, v))}" for k, v in QWEN_SETS.items())
+    qwen_timed = ",".join(map(item_name, QWEN_TIMED_IMAGES))
     p.add_argument("--images", default="", metavar="SETS", help="LLaVA-NeXT and Qwen-VL "
                    "shapes: image sizes HEIGHTxWIDTH (or Nf: a video of N frames, video shapes), "
                    "one batch per set: sets split by ';', images by ',', optionally NAME=... "
                    f"(FLOPs-only default: \"{sets}\"; video shapes: 8f, 16f, 32f; Qwen-VL: "
-                   f"\"{qwen}\"; a full run uses the first set, default {timed})")  # fmt: skip
+                   f"\"{qwen}\"; a full run uses the first set, default {timed}, Qwen-VL "
+                   f"{qwen_timed})")  # fmt: skip
     p.add_argument("--video-frame", default="x".join(map(str, QWEN_FRAME)), metavar="HxW",
                    help="Qwen-VL shapes: the pixels of a video's frames (%(default)s)")  # fmt: skip
     p.add_argument("--max-pixels", type=int, default=QwenPreprocess().max_pixels,
@@ -140,7 +144,8 @@ def image_sets_from_args(args: argparse.Namespace) -> dict[str, tuple[tuple[int,
         return dict(VIDEO_SETS)
     if args.flops_only:
         return dict(IMAGE_SETS)
-    return {"+".join(f"{h}x{w}" for h, w in TIMED_IMAGES): TIMED_IMAGES}
+    timed = QWEN_TIMED_IMAGES if cfg.qwen else TIMED_IMAGES
+    return {"+".join(map(item_name, timed)): timed}
 
 
 def workload_from_args(args: argparse.Namespace) -> Workload:
@@ -276,10 +281,6 @@ def run(
         print(f"{PROG}: error: prompt token counts must be >= 1", file=sys.stderr)
         return 2
     variable = SHAPES[args.shape]().variable_visual
-    if SHAPES[args.shape]().qwen and not args.flops_only:
-        print(f"{PROG}: error: Qwen-VL shapes are counted with --flops-only (timed runs are "
-              "not implemented for them yet)", file=sys.stderr)  # fmt: skip
-        return 2
     try:
         method_list(split_list(args.methods), variable, SHAPES[args.shape]().takes_video)
         sets = image_sets_from_args(args) if variable else None

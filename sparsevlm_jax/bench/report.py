@@ -94,6 +94,13 @@ def qwen_text(wl: dict[str, Any]) -> str:
     )
     if wl.get("image_set") and "images" in wl:
         counts = ", ".join(map(str, wl["visual_counts"]))
+        items = ", ".join(f"a video of {w} frames" if h == 0 else f"{h}×{w}"
+                          for h, w in wl["images"])  # fmt: skip
+        grids = ", ".join(f"{t}×{h}×{w}" for t, h, w in wl.get("grids") or ())
+        cap = wl.get("patch_capacity")
+        out += f"; inputs {items}" + (
+            f" (patch grids t×h×w {grids}, tower patch capacity {cap})" if grids else ""
+        )
         out += f"; V0 = {counts} ({wl['visual_slots']} slots)"
     return out
 
@@ -388,6 +395,26 @@ def markdown_latency_table(entries: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def markdown_agreement(entries: list[dict[str, Any]]) -> list[str]:
+    """One line on the PyTorch side's last-prompt-token logits against JAX's (runs that
+    recorded them): same weights and inputs, so they agree to float rounding."""
+    rows = [(e["label"], impl, t) for e in entries for impl, t in e["torch"].items()
+            if isinstance(t, dict) and "logits_max_rel_diff_vs_jax" in t]  # fmt: skip
+    if not rows:
+        return []
+    same = sum(t["first_token"] == t["jax_first_token"] for _, _, t in rows)
+    worst = max(rows, key=lambda r: r[2]["logits_max_rel_diff_vs_jax"])
+    dense = [t for label, impl, t in rows if label == entries[0]["label"] and impl == "torch"]
+    line = (
+        f"PyTorch vs JAX at the last prompt token (example 0): first tokens equal in {same} "
+        f"of {len(rows)} runs; largest max |Δlogit| / max |logit| "
+        f"{worst[2]['logits_max_rel_diff_vs_jax']:.1e} ({worst[0]}, {worst[1]})"
+    )
+    if dense:
+        line += f", transformers' dense {dense[0]['logits_max_rel_diff_vs_jax']:.1e}"
+    return [line + ".", ""]
+
+
 def markdown_ratio_table(entries: list[dict[str, Any]]) -> list[str]:
     lines = [
         "| method | FLOPs ratio XLA (total) | FLOPs ratio ideal | JAX latency ratio "
@@ -480,6 +507,7 @@ def markdown_full(report: dict[str, Any]) -> str:
         "",
     ]
     lines += markdown_latency_table(report["results"])
+    lines += markdown_agreement(report["results"])
     lines += ["## Ratios", ""] + markdown_ratio_table(report["results"])
     lines += ["## FLOPs (realized visual counts of this run)", ""]
     lines += markdown_flops_table(report["results"])

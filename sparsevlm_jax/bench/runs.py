@@ -37,6 +37,7 @@ from sparsevlm_jax.bench.torch_side import (
     device_weights,
     shared_weights,
     torch_inputs,
+    torch_qwen_inputs,
 )
 from sparsevlm_jax.bench.workloads import (
     EACH,
@@ -51,6 +52,8 @@ from sparsevlm_jax.bench.workloads import (
     method_list,
     next_inputs,
     prompt_ids,
+    qwen_inputs,
+    qwen_prompt_ids,
     random_pixels,
     v1_shape,
 )
@@ -289,8 +292,14 @@ def run_full(wl: Workload, opts: Options) -> dict[str, Any]:
 
         torch.set_num_threads(opts.threads or usable_cores())
     model, params, wl, init = build_models(wl, opts)
-    prefix, text = prompt_ids(wl, opts.seed)
-    if wl.variable:  # LLaVA-NeXT: the tiles and visual indices of `wl.images`
+    prefix, text = (qwen_prompt_ids if wl.cfg.qwen else prompt_ids)(wl, opts.seed)
+    qwen = None
+    if wl.cfg.qwen:  # Qwen-VL: each item through the processor's preprocessing, M-RoPE
+        qwen = qwen_inputs(wl, prefix, text, opts.seed)
+        n = wl.batch
+        batch_host, _ = make_batch([prefix] * n, [text] * n, qwen.pixels, wl.buckets,
+                                   qwen.visual_index, positions=qwen.positions)  # fmt: skip
+    elif wl.variable:  # LLaVA-NeXT: the tiles and visual indices of `wl.images`
         pixels, index, _ = next_inputs(wl, opts.seed)
         n = wl.batch
         batch_host, _ = make_batch([prefix] * n, [text] * n, pixels, wl.buckets, index)
@@ -305,9 +314,16 @@ def run_full(wl: Workload, opts: Options) -> dict[str, Any]:
     ttft_fns: dict[str, Callable[[], Any]] = {}
     decode_fns: dict[str, Callable[[], Any]] = {}
     ids = pix = None
-    if model is not None:
+    if model is not None and qwen is not None:
+        ids, pix = torch_qwen_inputs(wl, qwen, opts.torch_device)
+    elif model is not None:
         ids, pix = torch_inputs(wl, prefix, text, pixels, opts.torch_device)
-    methods = method_list(opts.methods, wl.variable, wl.cfg.takes_video)
+    # the authors' video preset runs on a workload with a video (as in FLOPs-only runs)
+    video = wl.cfg.takes_video and wl.has_video
+    select = list(opts.methods)
+    if not video:  # asked for on images: nothing to run
+        select = [m for m in select if m != AUTHORS_VIDEO] or (["dense"] if select else [])
+    methods = method_list(select, wl.variable, video)
     for method, budget in tqdm(methods, desc="compile", disable=opts.quiet):
         label = method_label(method, budget)
         elapsed = time.monotonic() - started

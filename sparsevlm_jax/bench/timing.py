@@ -159,6 +159,7 @@ class JaxMethod:
         self.kv = kv_report(cache, sparse, wl.cfg, wl.max_new_tokens)
         self.kv["nbytes"] = cache.nbytes()
         self.first_token = np.asarray(first_token_jit(logits))
+        self.last_logits = np.asarray(logits[0], np.float32)  # example 0's last prompt token
         tok = first_token_jit(logits)
         t0 = time.perf_counter()
         lowered = greedy_step_jit.lower(params, wl.cfg, cache, tok)

@@ -21,10 +21,63 @@ from sparsevlm_jax.sparse.config import SparseConfig
 RANK_ADAPTIVE = ("v1",)
 
 
-def hf_llava_config(cfg: LlavaConfig) -> Any:
-    """A transformers `LlavaConfig` of the same shape (sdpa attention)."""
+def hf_qwen_config(cfg: LlavaConfig) -> Any:
+    """A transformers `Qwen2_5_VLConfig` / `Qwen2VLConfig` of the same shape (sdpa attention).
+
+    Raises ValueError for what transformers' Qwen2 decoder cannot express (a head dim other
+    than hidden / heads, biases other than q/k/v's)."""
     import transformers
 
+    v, t = cfg.qwen_vision, cfg.text
+    if t.head_dim != t.hidden_size // t.num_attention_heads:
+        raise ValueError(f"Qwen2's head dim is hidden / heads, not {t.head_dim}")
+    if not t.attention_bias or t.o_bias or t.mlp_bias or t.rope_scaling:
+        raise ValueError("Qwen2's decoder has q/k/v biases only and M-RoPE without scaling")
+    rope = {"rope_type": "default", "mrope_section": list(t.mrope_section),
+            "rope_theta": t.rope_theta}  # fmt: skip
+    text = dict(
+        vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+        num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
+        num_key_value_heads=t.num_key_value_heads, rms_norm_eps=t.rms_norm_eps,
+        max_position_embeddings=t.max_position_embeddings, rope_parameters=rope,
+        use_sliding_window=False, bos_token_id=t.bos_token_id,
+        eos_token_id=list(t.eos_token_ids) or None,
+    )  # fmt: skip
+    common = dict(depth=v.depth, num_heads=v.num_heads, in_channels=v.in_channels,
+                  patch_size=v.patch_size, temporal_patch_size=v.temporal_patch_size,
+                  spatial_merge_size=v.spatial_merge_size, hidden_act=v.hidden_act)  # fmt: skip
+    start = cfg.vision_start_token_id
+    ids = dict(image_token_id=cfg.image_token_index, video_token_id=cfg.video_token_index,
+               tie_word_embeddings=t.tie_word_embeddings)  # fmt: skip
+    if start is not None:
+        ids.update(vision_start_token_id=start, vision_end_token_id=start + 1)
+    if cfg.family == "qwen2_5_vl":
+        if not float(v.tokens_per_second).is_integer():
+            raise ValueError("transformers' tokens_per_second is a whole number")
+        vision = dict(
+            hidden_size=v.embed_dim, intermediate_size=v.intermediate_size,
+            out_hidden_size=v.out_hidden_size, window_size=v.window_size,
+            fullatt_block_indexes=list(v.fullatt_block_indexes),
+            tokens_per_second=int(v.tokens_per_second), **common,
+        )  # fmt: skip
+        out = transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
+    else:
+        if v.intermediate_size % v.embed_dim:
+            raise ValueError("Qwen2-VL's tower MLP is a whole multiple (mlp_ratio) of its width")
+        vision = dict(embed_dim=v.embed_dim, hidden_size=v.out_hidden_size,
+                      mlp_ratio=v.intermediate_size // v.embed_dim, **common)  # fmt: skip
+        out = transformers.Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
+    out._attn_implementation = "sdpa"
+    return out
+
+
+def hf_llava_config(cfg: LlavaConfig) -> Any:
+    """A transformers `LlavaConfig` of the same shape (sdpa attention); Qwen-VL shapes:
+    `hf_qwen_config`."""
+    import transformers
+
+    if cfg.qwen:
+        return hf_qwen_config(cfg)
     v, t = cfg.vision, cfg.text
     vision = transformers.CLIPVisionConfig(
         hidden_size=v.hidden_size,
@@ -88,6 +141,10 @@ def hf_model_class(cfg: LlavaConfig) -> Any:
     """transformers' model class of the family (LLaVA-NeXT: LlavaNextForConditionalGeneration)."""
     import transformers
 
+    if cfg.family == "qwen2_5_vl":
+        return transformers.Qwen2_5_VLForConditionalGeneration
+    if cfg.family == "qwen2_vl":
+        return transformers.Qwen2VLForConditionalGeneration
     if cfg.family == "llava_next_video":
         return transformers.LlavaNextVideoForConditionalGeneration
     if cfg.family == "llava_next":
@@ -107,6 +164,10 @@ def same_shape(a: LlavaConfig, b: LlavaConfig) -> bool:
         and a.num_image_tokens == b.num_image_tokens
         and a.text.rope_theta == b.text.rope_theta
         and a.vision_layers_used == b.vision_layers_used
+        and a.family == b.family
+        and a.qwen_vision == b.qwen_vision
+        and a.text.mrope_section == b.text.mrope_section
+        and a.tokens_per_second == b.tokens_per_second
     )
 
 
@@ -176,20 +237,49 @@ def torch_inputs(wl: Workload, prefix: list[int], text: list[int], pixels: np.nd
     return ids, TorchPixels(tiles.to(dtype), sizes)
 
 
+def torch_qwen_inputs(wl: Workload, inputs: Any, dev: str) -> tuple[Any, TorchPixels]:
+    """(input_ids, pixels) of example 0 of a Qwen-VL workload (`workloads.qwen_inputs`): the
+    item's patch rows [N, K] in transformers' `pixel_values` order (not the tower's window
+    order of `VisionInputs.patches`), its `image_grid_thw` / `video_grid_thw` (and Qwen2.5's
+    `second_per_grid_ts` for a video), and `mm_token_type_ids` (1 image, 2 video), without
+    which transformers' model falls back to 1-D positions."""
+    import torch
+
+    video = inputs.video[0]
+    ids = torch.tensor([inputs.input_ids[0]], device=dev)
+    rows = torch.tensor(inputs.rows[0], device=dev).to(torch_dtype(wl.cfg.dtype))
+    grids: dict[str, Any] = {
+        "video_grid_thw" if video else "image_grid_thw": torch.tensor([inputs.grids[0]], device=dev)
+    }
+    if video and inputs.second_per_grid is not None:
+        grids["second_per_grid_ts"] = torch.tensor([inputs.second_per_grid], device=dev)
+    types = torch.zeros_like(ids)
+    types[ids == (wl.cfg.video_token_index if video else wl.cfg.image_token_index)] = 1 + video
+    key = "pixel_values_videos" if video else "pixel_values"
+    return ids, TorchPixels(rows, key=key, grids=grids, token_types=types)
+
+
 @dataclasses.dataclass
 class TorchPixels:
     """Pixel values as the transformers model takes them, with LLaVA-NeXT's image sizes;
-    `key` "pixel_values_videos" for a video's frames [1, frames, C, H, W]."""
+    `key` "pixel_values_videos" for a video's frames [1, frames, C, H, W]. Qwen-VL: the patch
+    rows [N, K], their grids (`image_grid_thw` / `video_grid_thw`, `second_per_grid_ts`) and
+    `mm_token_type_ids` (`token_types`)."""
 
     values: Any
     image_sizes: Any = None
     key: str = "pixel_values"
+    grids: dict[str, Any] = dataclasses.field(default_factory=dict)
+    token_types: Any = None
 
     def kwargs(self) -> dict[str, Any]:
-        """`pixel_values` (or `pixel_values_videos`, and `image_sizes`) keyword arguments."""
-        out = {self.key: self.values}
+        """`pixel_values` (or `pixel_values_videos`, and `image_sizes`; Qwen-VL: the grids and
+        `mm_token_type_ids`) keyword arguments of the transformers model."""
+        out = {self.key: self.values, **self.grids}
         if self.image_sizes is not None:
             out["image_sizes"] = self.image_sizes
+        if self.token_types is not None:
+            out["mm_token_type_ids"] = self.token_types
         return out
 
 
@@ -245,6 +335,7 @@ class TorchDense:
     def start_decode(self) -> int:
         out = self._prefill()
         cache = getattr(out, "cache", None) or out.past_key_values
+        self.last_logits = out.logits[0, -1].float().cpu().numpy()
         self.state = (cache, out.logits[:, -1:].argmax(-1))
         return torch_cache_bytes(cache)
 
@@ -259,12 +350,16 @@ class TorchDense:
 
 
 class TorchReference:
-    """The PyTorch reference SparseVLM prefill (`reference_prefill`) and its decode step."""
+    """The PyTorch reference SparseVLM prefill (`reference_prefill`) and its decode step
+    (SPEC §5 positions, as `reference_generate` decodes: on M-RoPE positions and for methods
+    that keep positions, one past the original prompt's largest plus the step at every layer;
+    else each layer's cache length)."""
 
     def __init__(self, model: Any, ids: Any, pixels: Any, params: Any, device: str):
         self.model, self.ids, self.pixels, self.params = model, ids, pixels, params
         self.device = device
         self.state: tuple[list, int] | None = None
+        self.position: int | None = None
 
     def _prefill(self) -> Any:
         from sparsevlm_jax.reference import reference_prefill
@@ -278,6 +373,7 @@ class TorchReference:
             track_margins=False,
             image_sizes=self.pixels.image_sizes,
             pixel_values_videos=self.pixels.values if video else None,
+            **self.pixels.grids,
         )
         _sync(self.device)
         return res
@@ -290,15 +386,20 @@ class TorchReference:
 
     def start_decode(self) -> Any:
         res = self._prefill()
+        self.last_logits = res.logits[-1].float().cpu().numpy()
         self.state = (res.kv_caches, int(res.logits[-1].argmax()))
+        fixed = self.params.keeps_positions or res.positions.ndim == 2
+        self.position = res.next_position if fixed else None
         return res
 
     def decode(self) -> None:
         from sparsevlm_jax.reference import reference_decode_step
 
         caches, tok = self.state
-        logits, caches, _ = reference_decode_step(self.model, caches, tok)
+        pos = self.position
+        logits, caches, _ = reference_decode_step(self.model, caches, tok, position=pos)
         self.state = (caches, int(logits.argmax()))
+        self.position = None if pos is None else pos + 1
         _sync(self.device)
 
 
@@ -335,6 +436,20 @@ def reference_summary(res: Any) -> dict[str, Any]:
     }
 
 
+def logit_agreement(torch_logits: np.ndarray, jax_logits: np.ndarray) -> dict[str, Any]:
+    """The PyTorch side's last-prompt-token logits against JAX's (example 0): first tokens
+    and the largest absolute difference (relative to JAX's largest logit). Both sides run the
+    same weights on the same inputs, so this checks the inputs as much as the models."""
+    a, b = np.asarray(torch_logits, np.float32), np.asarray(jax_logits, np.float32)
+    diff = float(np.max(np.abs(a - b)))
+    return {
+        "first_token": int(np.argmax(a)),
+        "jax_first_token": int(np.argmax(b)),
+        "logits_max_abs_diff_vs_jax": diff,
+        "logits_max_rel_diff_vs_jax": diff / max(float(np.max(np.abs(b))), 1e-30),
+    }
+
+
 def add_torch_runners(
     entry: dict[str, Any],
     model: Any,
@@ -368,6 +483,7 @@ def add_torch_runners(
             torch.cuda.reset_peak_memory_stats()
         info: dict[str, Any] = {"impl": type(runner).__name__}
         started = runner.start_decode()
+        info.update(logit_agreement(runner.last_logits, jm.last_logits))
         if isinstance(started, int):
             info["kv_cache_bytes"] = started
         else:

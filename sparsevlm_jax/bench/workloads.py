@@ -23,7 +23,9 @@ is its `smart_resize` grid at the processor's pixel budget (`Workload.qwen_setti
 `Workload.video_frame` pixels (default 448x448), one token per 28x28 pixels per frame pair
 within the video budget. The tower's patch capacity is the visual slots x 4 (`qwen_images.
 patch_capacity`, the same ladder), and the prompt is Qwen's chat template (`QWEN_PREFIX_TOKENS`).
-Default FLOPs-only sets: `QWEN_SETS`.
+Default FLOPs-only sets: `QWEN_SETS`; a timed run's default item is `QWEN_TIMED_IMAGES`, random
+pixels through the processor's preprocessing (`qwen_inputs`: the same rows, grids and token ids
+feed transformers' model and the reference, positions from `mrope.rope_index`).
 """
 
 from __future__ import annotations
@@ -87,6 +89,12 @@ QWEN_FRAME: Size = (448, 448)
 QWEN_SETS: dict[str, tuple[Size, ...]] = {"1080x1920": ((1080, 1920),), "32-frames": ((VIDEO, 32),)}
 # The timed (full) run's image on LLaVA-NeXT shapes.
 TIMED_IMAGES: tuple[Size, ...] = ((480, 640),)
+# ... and on Qwen-VL shapes: a 720p frame, 728x1288 pixels at the default image budget (26 x 46
+# = 1,196 visual tokens, 1,216 slots).
+QWEN_TIMED_IMAGES: tuple[Size, ...] = ((720, 1280),)
+# Qwen2.5-VL's seconds per temporal patch of a bench video: two frames sampled at the
+# processor's 2 fps.
+QWEN_SECONDS_PER_GRID = 1.0
 
 
 def item_name(hw: Size) -> str:
@@ -424,6 +432,77 @@ def prompt_ids(wl: Workload, seed: int = 0) -> tuple[list[int], list[int]]:
     hi = min(wl.cfg.text.vocab_size, image_token_id(wl.cfg))
     prefix = [wl.cfg.text.bos_token_id or 1] + rng.integers(3, hi, wl.prefix_tokens - 1).tolist()
     return prefix, rng.integers(3, hi, wl.text_tokens).tolist()
+
+
+def qwen_prompt_ids(wl: Workload, seed: int = 0) -> tuple[list[int], list[int]]:
+    """`prompt_ids` laid out as Qwen's chat template around its items: the prefix ends with
+    `<|vision_start|>`, the text starts with `<|vision_end|>` (its id the next one, as in
+    Qwen's vocabulary)."""
+    prefix, text = prompt_ids(wl, seed)
+    start = wl.cfg.vision_start_token_id
+    if start is not None and start + 1 < min(wl.cfg.image_token_index, wl.cfg.video_token_index):
+        prefix[-1], text[0] = start, start + 1
+    return prefix, text
+
+
+@dataclass
+class QwenInputs:
+    """A Qwen-VL workload's host inputs: the tower's packed `VisionInputs` [B, P, ...] (rows
+    in the tower's window order), each example's visual index and (t, h, w) positions, and
+    each example's item as the processor gives it (`rows` [N, K] in transformers'
+    `pixel_values` order, the `grid`), with its token ids."""
+
+    pixels: Any
+    visual_index: list[np.ndarray]
+    positions: list[np.ndarray]
+    rows: list[np.ndarray]
+    grids: list[tuple[int, int, int]]
+    video: list[bool]
+    input_ids: list[list[int]]
+    second_per_grid: float | None
+
+
+def qwen_inputs(wl: Workload, prefix: list[int], text: list[int], seed: int = 0) -> QwenInputs:
+    """Random uint8 pixels of each item of `wl.images` (an image of its size, or a video of
+    N frames of `wl.video_frame` pixels) through the processor's preprocessing
+    (`qwen_images.preprocess_image` / `preprocess_video`, `smart_resize` within
+    `wl.qwen_settings`), one example each, packed at `wl.patch_capacity`; positions from
+    `mrope.rope_index` on prefix + the item's pad tokens + text (videos at
+    `QWEN_SECONDS_PER_GRID` on Qwen2.5)."""
+    from sparsevlm_jax import mrope, qwen_images
+
+    cfg, st = wl.cfg, wl.qwen_settings
+    vcfg = cfg.qwen_vision
+    rng = np.random.default_rng(seed)
+    timed = cfg.tokens_per_second is not None
+    out = QwenInputs(None, [], [], [], [], [], [], QWEN_SECONDS_PER_GRID if timed else None)
+    items = []
+    for hw in wl.images:
+        video = hw[0] == VIDEO
+        if video:
+            frames = rng.integers(0, 256, (hw[1], *wl.video_frame, 3), dtype=np.uint8)
+            rows, grid = qwen_images.preprocess_video(frames, vcfg, st)
+        else:
+            image = rng.integers(0, 256, (*hw, 3), dtype=np.uint8)
+            rows, grid = qwen_images.preprocess_image(image, vcfg, st)
+        items.append([(rows, grid)])
+        count = int(np.prod(grid)) // vcfg.merge_unit
+        pad = cfg.video_token_index if video else cfg.image_token_index
+        ids = [*prefix, *([pad] * count), *text]
+        pos, _ = mrope.rope_index(
+            np.asarray(ids), None, [] if video else [grid], [grid] if video else [],
+            cfg.image_token_index, cfg.video_token_index, None, vcfg.spatial_merge_size,
+            second_per_grid_ts=[out.second_per_grid] if video and timed else None,
+            tokens_per_second=cfg.tokens_per_second,
+        )  # fmt: skip
+        out.visual_index.append(np.arange(count, dtype=np.int32))
+        out.positions.append(pos)
+        out.rows.append(rows)
+        out.grids.append(tuple(int(g) for g in grid))
+        out.video.append(video)
+        out.input_ids.append(ids)
+    out.pixels = qwen_images.pack(items, vcfg, capacity=wl.patch_capacity)
+    return out
 
 
 def random_pixels(cfg: LlavaConfig, seed: int = 0) -> np.ndarray:
