@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from sparsevlm_jax.config_qwen import QwenVisionConfig
+
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -184,7 +186,7 @@ class LlavaConfig:
     "default" strategy: `num_image_tokens`) and `video_tower` for a video's frames (CLS always
     kept: `video_tokens_per_frame` = patches + 1), one projector; no anyres), or "qwen2_vl" /
     "qwen2_5_vl" (Qwen2-VL / Qwen2.5-VL: any resolution through their own tower,
-    `qwen_vision` (a `model.qwen_vision.QwenVisionConfig`; `vision` is then unused), one token
+    `qwen_vision` (a `config_qwen.QwenVisionConfig`; `vision` is then unused), one token
     per 28x28 pixels, M-RoPE positions (`text.mrope_section`), `<|vision_start|>` /
     `<|vision_end|>` markers around each item (text), `tokens_per_second` for Qwen2.5's
     video time axis).
@@ -361,8 +363,6 @@ class LlavaConfig:
     def _from_hf_qwen(cls, d: dict[str, Any], family: str, overrides: dict) -> LlavaConfig:
         """Qwen2-VL / Qwen2.5-VL: transformers 5 nests the decoder in `text_config`; the hub's
         config.json keeps it at the top level."""
-        from sparsevlm_jax.model.qwen_vision import QwenVisionConfig
-
         text = dict(d.get("text_config") or d)
         text.setdefault("model_type", family)
         text.setdefault("tie_word_embeddings", d.get("tie_word_embeddings", False))
@@ -396,9 +396,7 @@ class LlavaConfig:
             text["eos_token_id"] = tuple(text["eos_token_id"])
         text["mrope_section"] = tuple(text.get("mrope_section") or ())
         if d.get("qwen_vision") is not None:
-            from sparsevlm_jax.model.qwen_vision import QwenVisionConfig
-
-            d["qwen_vision"] = QwenVisionConfig.from_dict(d["qwen_vision"])
+                d["qwen_vision"] = QwenVisionConfig.from_dict(d["qwen_vision"])
         return cls(vision=VisionConfig(**d.pop("vision")), text=TextConfig(**text), **d)
 
     def to_json(self) -> str:

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from sparsevlm_jax.batch import Batch
 from sparsevlm_jax.config import LlavaConfig, TextConfig, VisionConfig
+from sparsevlm_jax.config_qwen import QwenVisionConfig
 
 if TYPE_CHECKING:
     from sparsevlm_jax.anyres import AnyresSpec
@@ -137,8 +138,6 @@ def qwen2_5_vl_7b(dtype: str = "bfloat16") -> LlavaConfig:
     """Qwen2.5-VL-7B-Instruct: a 32-block windowed tower (width 1280, SwiGLU 3420, 112-px
     windows, full attention in blocks 7 / 15 / 23 / 31) merged to 3584; the Qwen2-7B decoder
     (28 layers, 28 heads, 4 kv heads), M-RoPE (16, 24, 24)."""
-    from sparsevlm_jax.model.qwen_vision import QwenVisionConfig
-
     vision = QwenVisionConfig(
         kind="qwen2_5_vl", depth=32, embed_dim=1280, num_heads=16, intermediate_size=3420,
         out_hidden_size=3584, hidden_act="silu", window_size=112,
@@ -150,8 +149,6 @@ def qwen2_5_vl_7b(dtype: str = "bfloat16") -> LlavaConfig:
 def qwen2_vl_7b(dtype: str = "bfloat16") -> LlavaConfig:
     """Qwen2-VL-7B-Instruct: a 32-block tower (width 1280, quick-GELU MLP 5120, attention
     within frames) merged to 3584; the decoder of `qwen2.5-vl-7b`."""
-    from sparsevlm_jax.model.qwen_vision import QwenVisionConfig
-
     vision = QwenVisionConfig(
         kind="qwen2_vl", depth=32, embed_dim=1280, num_heads=16, intermediate_size=5120,
         out_hidden_size=3584, hidden_act="quick_gelu",
@@ -162,8 +159,6 @@ def qwen2_vl_7b(dtype: str = "bfloat16") -> LlavaConfig:
 def mini_qwen(dtype: str = "float32") -> LlavaConfig:
     """`mini`'s decoder (32 layers, width 256, 4 heads of 64) with M-RoPE (8, 12, 12) and
     q/k/v biases, behind a two-block Qwen2.5 tower (width 64, block 1 full attention)."""
-    from sparsevlm_jax.model.qwen_vision import QwenVisionConfig
-
     text = dataclasses.replace(
         mini(dtype).text, rms_norm_eps=1e-6, rope_theta=1e6, attention_bias=True,
         attention_out_bias=False, mrope_section=(8, 12, 12),

@@ -207,10 +207,6 @@ def kept_picture(
 
     layers: per-layer stats (`Result.stats["layers"]`).
     """
-    if getattr(cfg, "qwen", False):  # Qwen-VL: its 28x28 cells on the original image
-        from sparsevlm_jax.visualize_qwen import render_qwen
-
-        return render_qwen(image, processor, layers)
     if getattr(processor, "anyres", None) is not None:  # LLaVA-NeXT: on the original image
         from sparsevlm_jax.processing import to_rgb
 

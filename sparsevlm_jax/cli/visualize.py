@@ -27,6 +27,10 @@ def cmd_visualize(args: argparse.Namespace) -> int:
             from sparsevlm_jax.visualize_video import video_picture
 
             picture = video_picture(image, pipe.processor, pipe.cfg, stats["layers"])
+    elif pipe.cfg.qwen:  # its 28x28 cells on the original image
+        from sparsevlm_jax.visualize_qwen import render_qwen
+
+        picture = render_qwen(image, pipe.processor, stats["layers"])
     else:
         picture = kept_picture(image, pipe.processor, pipe.cfg, stats["layers"])
     from sparsevlm_jax.eval import environment_errors
