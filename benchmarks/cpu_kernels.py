@@ -101,6 +101,25 @@ def main() -> None:
             ("causal attention", lambda: ours_att(q),
              lambda: torch.nn.functional.scaled_dot_product_attention(tq, tq, tq, is_causal=True)),
         ]
+        # mini-qwen's tower at 720x1280: 4,864 patches attending within the one frame
+        # (4 heads of 16, no causal mask), as the tower runs it (256-row query tiles, key tiles
+        # with an online softmax) against PyTorch's fused kernel
+        from sparsevlm_jax import qwen_images
+        from sparsevlm_jax.model import qwen_vision
+        from sparsevlm_jax.presets import mini_qwen
+
+        vq = mini_qwen().qwen_vision
+        img = rng.integers(0, 255, (720, 1280, 3), dtype=np.uint8)
+        vin, _ = qwen_images.prepare([[img]], vq)
+        pv = vin.capacity
+        vq_np = rng.standard_normal((1, pv, vq.num_heads, vq.head_dim), np.float32)
+        vqj = jnp.asarray(vq_np)
+        tile_att = jax.jit(lambda q: qwen_vision.segment_attend(
+            q, q, q, jnp.asarray(vin.segments), jnp.asarray(vin.block_ranges)[:, 0], vin.block))
+        vqt = torch.from_numpy(vq_np).transpose(1, 2).contiguous()
+        pieces.append((f"tower attention ({pv} patches, heads of {vq.head_dim})",
+                       lambda: tile_att(vqj),
+                       lambda: torch.nn.functional.scaled_dot_product_attention(vqt, vqt, vqt)))
         for name, ours, theirs in pieces:
             rows.append({"piece": name, "jax_ms": median_ms(ours), "torch_ms": median_ms(theirs)})
         for qr, sc in TILES:
