@@ -139,7 +139,6 @@ def test_flops_only_through_the_installed_command(tmp_path):
 def test_transformers_config_has_our_shape(shape):
     """The timed run's transformers model (`hf_qwen_config`) converts back to the shape: both
     towers, M-RoPE, the token ids."""
-    pytest.importorskip("transformers")
     from sparsevlm_jax.bench.torch_side import hf_qwen_config, same_shape
 
     cfg = SHAPES[shape]()
