@@ -105,8 +105,9 @@ def setup(work: Path, dry: bool, n_questions: int) -> dict[str, Any]:
     for q in range(n_questions):
         words = rng.choice(WORDS, LENGTHS[q % len(LENGTHS)] * 5 - 1).tolist() + ["?"]
         lines.append(
-            json.dumps({"question_id": q, "image": f"{(q // 4) % len(pics)}.png",
-                        "text": " ".join(words)})  # fmt: skip
+            json.dumps(
+                {"question_id": q, "image": f"{(q // 4) % len(pics)}.png", "text": " ".join(words)}
+            )  # fmt: skip
         )
     qfile.write_text("\n".join(lines) + "\n")
     return {"model": str(model), "images": str(folder), "questions": str(qfile),
@@ -118,16 +119,22 @@ SUMMARY = re.compile(
     r"compilation: (\d+) programs, (\d+) compiled, (\d+) from the cache; ([\d.]+) s "
     r"\(XLA ([\d.]+) s, cache loads ([\d.]+) s, tracing \+ lowering ([\d.]+) s\)"
 )
+KINDS = re.compile(r"XLA by program: (.*)$", re.M)
+KIND = re.compile(r"([a-z ]+) (\d+) \(([\d.]+) s\)")
 PROGRAMS = re.compile(r"prefill (\d+) fused \+ (\d+) stage programs .*, decode (\d+)")
 
 
 def parse_summary(text: str) -> list[dict[str, Any]]:
     """Every `compilation:` line of a run (warm-up first when there is one)."""
     keys = ("programs", "compiled", "from_cache", "total_s", "xla_s", "load_s", "trace_s")
-    return [
+    out = [
         {k: (float(v) if k.endswith("_s") else int(v)) for k, v in zip(keys, m, strict=True)}
         for m in SUMMARY.findall(text)
     ]
+    for line, kinds in zip(out, KINDS.findall(text), strict=False):  # XLA seconds by kind
+        line["by_kind"] = {k.strip(): {"programs": int(n), "xla_s": float(t)}
+                           for k, n, t in KIND.findall(kinds)}  # fmt: skip
+    return out
 
 
 def run_eval(work: Path, setup_: dict, name: str, cache: str, args: argparse.Namespace) -> dict:
@@ -143,6 +150,8 @@ def run_eval(work: Path, setup_: dict, name: str, cache: str, args: argparse.Nam
     ]  # fmt: skip
     if name.startswith("warmup"):
         cmd.append("--warmup")
+    if name.startswith("steps"):  # e.g. steps2: the bucketed policy on a 2-step ladder
+        cmd += ["--ladder-steps", name[len("steps") :]]
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
     before = load()
     t0 = time.perf_counter()
@@ -159,8 +168,11 @@ def run_eval(work: Path, setup_: dict, name: str, cache: str, args: argparse.Nam
         "compilation": main,
         "warmup": lines[0] if len(lines) > 1 else None,
         "compile_share": round(main["total_s"] / wall, 3),  # cumulative: warm-up included
-        "held_programs": dict(zip(("fused", "stage", "decode"), map(int, progs.groups()),
-                                  strict=True)) if progs else None,  # fmt: skip
+        "held_programs": dict(
+            zip(("fused", "stage", "decode"), map(int, progs.groups()), strict=True)
+        )
+        if progs
+        else None,  # fmt: skip
         "stdout_tail": proc.stdout.strip().splitlines()[-4:],
         "load_before": before,
         "load_after": load(),
@@ -192,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--questions", type=int, help="(200; dry run 8)")
     p.add_argument("--budget", type=int, default=192, help="v1 budget (%(default)s)")
     p.add_argument("--max-new-tokens", type=int, help="(8; dry run 2)")
-    p.add_argument("--runs", default="first,second,off,warmup", help="(%(default)s)")
+    p.add_argument("--runs", default="first,second,off,warmup,steps2", help="(%(default)s)")
     p.add_argument("--skip-reference", action="store_true", help="no PyTorch comparison")
     p.add_argument("--fresh", action="store_true", help="forget earlier steps' results")
     args = p.parse_args(argv)
@@ -219,9 +231,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if name in ("first", "warmup") and cache_dir.exists():
             shutil.rmtree(cache_dir)  # an empty cache
-        cache = "off" if name == "off" else str(cache_dir if name != "warmup" else work / "c2")
-        if name == "warmup":
-            shutil.rmtree(work / "c2", ignore_errors=True)
+        own = work / f"cache-{name}"  # warm-up and ladder runs: an empty cache of their own
+        cache = "off" if name == "off" else str(cache_dir if name in ("first", "second") else own)
+        shutil.rmtree(own, ignore_errors=True)
         print(f"eval run {name} ...", flush=True)
         state.setdefault("runs", {})[name] = run_eval(work, state["setup"], name, cache, args)
         save_state()
@@ -258,8 +270,6 @@ def reference(work: Path) -> dict[str, Any]:
     return {"command": " ".join(cmd), "rows": rows, "load_before": before, "load_after": load()}
 
 
-
-
 # ---------------------------------------------------------------------------------------------
 # The ladder study: programs and FLOPs padding of each bucketing, on the recorded decisions
 
@@ -289,8 +299,9 @@ def layer_caps(bucket, derived: bool, vis_in: int, keep: int, cand: int) -> tupl
 
 def ladder_study(answers: Path, setup_: dict) -> dict[str, Any]:
     """Stage programs and FLOPs padding per (steps per octave, candidate keying), with the
-    programs today's keying (the whole capacity history) and a history-free keying would
-    compile, on the decisions the `first` run recorded."""
+    programs a keying by the whole capacity history would compile and the history-free
+    keying `prefill` uses (stage, incoming width, capacities), on the decisions the `first`
+    run recorded."""
     from sparsevlm_jax.batch import Buckets
     from sparsevlm_jax.config import LlavaConfig
     from sparsevlm_jax.flops import prefill_flops
@@ -322,7 +333,7 @@ def ladder_study(answers: Path, setup_: dict) -> dict[str, Any]:
                     kept, _, rec = layer_caps(bucket, derived, vis_in, keep, cand)
                     caps.append((vis_in, kept, rec))
                     hist.add((tb, tuple(caps)))
-                    free.add((tb, caps[-1]))
+                    free.add((tb, len(caps), caps[-1]))  # stage, width in, capacities
                     vis_in = kept + rec
                     widths.append(vis_in)
                 padded.append([p + tb + widths[s] for s in stage_of])
@@ -362,17 +373,21 @@ def write_report(state: dict, out: Path, stem: str, dry: bool) -> list[Path]:
           f"Hardware: {state['hardware']['cpu_model']}, {usable_cores()} cores. "
           "`python benchmarks/compile_once.py`" + (" --dry-run" if dry else ""), "",
           "| run | wall s | programs | compiled | from cache | compilation s (XLA / load / "
-          "trace+lower) | share of wall | load avg before |",
-          "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+          "trace+lower) | XLA by program (programs, s) | share of wall | load avg before |",
+          "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, r in state.get("runs", {}).items():
         c = r["compilation"]
         w = r["warmup"]
         extra = f" ({w['compiled']} in the warm-up, {w['total_s']:.1f} s)" if w else ""
+        kinds = ", ".join(f"{k} {v['programs']} ({v['xla_s']:.1f})"
+                          for k, v in c.get("by_kind", {}).items())  # fmt: skip
         md.append(
             f"| {name} | {r['wall_s']:.1f} | {c['programs']} | {c['compiled']}{extra} | "
             f"{c['from_cache']} | {c['total_s']:.1f} ({c['xla_s']:.1f} / {c['load_s']:.1f} / "
-            f"{c['trace_s']:.1f}) | {100 * r['compile_share']:.0f}% | {r['load_before'][0]} |"
+            f"{c['trace_s']:.1f}) | {kinds or '–'} | {100 * r['compile_share']:.0f}% | "
+            f"{r['load_before'][0]} |"
         )
+    md += cost_lines(state)
     lad = state.get("ladder")
     if lad:
         md += ["", f"Ladder study ({lad['questions']} questions, text buckets "
@@ -388,10 +403,14 @@ def write_report(state: dict, out: Path, stem: str, dry: bool) -> list[Path]:
             )
     ref = state.get("reference")
     if ref:
-        md += ["", f"Prefill vs the PyTorch reference at equal decisions (`{ref['command']}`, "
-               f"load {ref['load_before'][0]}):", "",
-               "| method | JAX ms | JAX / reference | latency vs FLOPs ratio |",
-               "|---|---|---|---|"]
+        md += [
+            "",
+            f"Prefill vs the PyTorch reference at equal decisions (`{ref['command']}`, "
+            f"load {ref['load_before'][0]}):",
+            "",
+            "| method | JAX ms | JAX / reference | latency vs FLOPs ratio |",
+            "|---|---|---|---|",
+        ]
         for r in ref["rows"]:
             jr = "–" if r["jax_over_reference"] is None else f"{r['jax_over_reference']:.2f}x"
             lf = "–" if r["latency_vs_flops"] is None else f"{100 * r['latency_vs_flops']:+.0f}%"
@@ -403,6 +422,24 @@ def write_report(state: dict, out: Path, stem: str, dry: bool) -> list[Path]:
         print(f"no plot: {e}", file=sys.stderr)
         return paths[:2]
     return paths
+
+
+def cost_lines(state: dict) -> list[str]:
+    """What one program costs against what one question costs, from the `first` run."""
+    first = state.get("runs", {}).get("first")
+    kinds = (first or {}).get("compilation", {}).get("by_kind")
+    if not kinds:
+        return []
+    c, n = first["compilation"], state["setup"]["num_questions"]
+    rest = first["wall_s"] - c["total_s"]
+    per = ", ".join(f"{k} {v['xla_s'] / v['programs']:.2f} s" for k, v in kinds.items()
+                    if v["programs"])  # fmt: skip
+    budget = 0.25 * rest  # compilation at 20% of the wall: a quarter of everything else
+    mean = c["xla_s"] / max(c["compiled"], 1)
+    return ["", f"First run: XLA seconds per program: {per}; everything but compilation "
+            f"{rest:.1f} s = {1000 * rest / n:.0f} ms a question. Compilation at 20% of the "
+            f"wall would allow {budget:.1f} s, {budget / mean:.0f} programs at their mean "
+            f"{mean:.2f} s (tracing and lowering included in neither)."]  # fmt: skip
 
 
 def plot(state: dict) -> bytes:

@@ -61,14 +61,24 @@ def main() -> None:
     cfg = mini_next().text
     d, m, n, h = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.head_dim
     hf = LlamaConfig(
-        hidden_size=d, intermediate_size=m, num_attention_heads=n, num_key_value_heads=n,
-        head_dim=h, attn_implementation="sdpa",
+        hidden_size=d,
+        intermediate_size=m,
+        num_attention_heads=n,
+        num_key_value_heads=n,
+        head_dim=h,
+        attn_implementation="sdpa",
     )
     layer = LlamaDecoderLayer(hf, 0).eval()
     sd = {k: v.detach().numpy() for k, v in layer.state_dict().items()}
-    names = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj":
-             "self_attn.v_proj", "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj",
-             "up_proj": "mlp.up_proj", "down_proj": "mlp.down_proj"}
+    names = {
+        "q_proj": "self_attn.q_proj",
+        "k_proj": "self_attn.k_proj",
+        "v_proj": "self_attn.v_proj",
+        "o_proj": "self_attn.o_proj",
+        "gate_proj": "mlp.gate_proj",
+        "up_proj": "mlp.up_proj",
+        "down_proj": "mlp.down_proj",
+    }
     lp = {ours: {"kernel": jnp.asarray(sd[f"{theirs}.weight"].T)} for ours, theirs in names.items()}
     for norm in ("input_layernorm", "post_attention_layernorm"):
         lp[norm] = {"scale": jnp.asarray(sd[f"{norm}.weight"])}
@@ -82,8 +92,10 @@ def main() -> None:
 
     ours_layer = jax.jit(lambda lp, x: llama.prefill_layer(lp, cfg, x, pos, mask)[0])
     ours_mm = jax.jit(
-        lambda lp, x: llama.mlp(lp, x)
-        + sum(llama.linear(x, lp[k]) for k in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        lambda lp, x: (
+            llama.mlp(lp, x)
+            + sum(llama.linear(x, lp[k]) for k in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        )
     )
     ours_att = jax.jit(lambda q: llama.causal_attend(q, q, q, mask))
     tx, tq = torch.from_numpy(x_np), torch.from_numpy(q_np).transpose(1, 2).contiguous()
@@ -93,13 +105,29 @@ def main() -> None:
         emb = LlamaRotaryEmbedding(hf)(tx, tpos)
         att = layer.self_attn
         pieces = [
-            ("layer", lambda: ours_layer(lp, x),
-             lambda: layer(tx, attention_mask=None, position_embeddings=emb, position_ids=tpos)),
-            ("projections + MLP", lambda: ours_mm(lp, x),
-             lambda: layer.mlp(tx) + att.q_proj(tx) + att.k_proj(tx) + att.v_proj(tx)
-             + att.o_proj(tx)),
-            ("causal attention", lambda: ours_att(q),
-             lambda: torch.nn.functional.scaled_dot_product_attention(tq, tq, tq, is_causal=True)),
+            (
+                "layer",
+                lambda: ours_layer(lp, x),
+                lambda: layer(tx, attention_mask=None, position_embeddings=emb, position_ids=tpos),
+            ),
+            (
+                "projections + MLP",
+                lambda: ours_mm(lp, x),
+                lambda: (
+                    layer.mlp(tx)
+                    + att.q_proj(tx)
+                    + att.k_proj(tx)
+                    + att.v_proj(tx)
+                    + att.o_proj(tx)
+                ),
+            ),
+            (
+                "causal attention",
+                lambda: ours_att(q),
+                lambda: torch.nn.functional.scaled_dot_product_attention(
+                    tq, tq, tq, is_causal=True
+                ),
+            ),
         ]
         # mini-qwen's tower at 720x1280: 4,864 patches attending within the one frame
         # (4 heads of 16, no causal mask), as the tower runs it (256-row query tiles, key tiles
@@ -114,12 +142,19 @@ def main() -> None:
         pv = vin.capacity
         vq_np = rng.standard_normal((1, pv, vq.num_heads, vq.head_dim), np.float32)
         vqj = jnp.asarray(vq_np)
-        tile_att = jax.jit(lambda q: qwen_vision.segment_attend(
-            q, q, q, jnp.asarray(vin.segments), jnp.asarray(vin.block_ranges)[:, 0], vin.block))
+        tile_att = jax.jit(
+            lambda q: qwen_vision.segment_attend(
+                q, q, q, jnp.asarray(vin.segments), jnp.asarray(vin.block_ranges)[:, 0], vin.block
+            )
+        )
         vqt = torch.from_numpy(vq_np).transpose(1, 2).contiguous()
-        pieces.append((f"tower attention ({pv} patches, heads of {vq.head_dim})",
-                       lambda: tile_att(vqj),
-                       lambda: torch.nn.functional.scaled_dot_product_attention(vqt, vqt, vqt)))
+        pieces.append(
+            (
+                f"tower attention ({pv} patches, heads of {vq.head_dim})",
+                lambda: tile_att(vqj),
+                lambda: torch.nn.functional.scaled_dot_product_attention(vqt, vqt, vqt),
+            )
+        )
         for name, ours, theirs in pieces:
             rows.append({"piece": name, "jax_ms": median_ms(ours), "torch_ms": median_ms(theirs)})
         for qr, sc in TILES:
@@ -129,10 +164,18 @@ def main() -> None:
             flops = 2 * n * qr * sc * h
             ta, tb, tp = torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(p)
             for name, f, args, targs in (
-                ("QK tile", lambda u, w: jnp.einsum("nqh,nsh->nqs", u, w), (a, b),
-                 lambda ta=ta, tb=tb: torch.bmm(ta, tb.transpose(1, 2))),
-                ("PV tile", lambda u, w: jnp.einsum("nqs,nsh->nqh", u, w), (p, b),
-                 lambda tp=tp, tb=tb: torch.bmm(tp, tb)),
+                (
+                    "QK tile",
+                    lambda u, w: jnp.einsum("nqh,nsh->nqs", u, w),
+                    (a, b),
+                    lambda ta=ta, tb=tb: torch.bmm(ta, tb.transpose(1, 2)),
+                ),
+                (
+                    "PV tile",
+                    lambda u, w: jnp.einsum("nqs,nsh->nqh", u, w),
+                    (p, b),
+                    lambda tp=tp, tb=tb: torch.bmm(tp, tb),
+                ),
             ):
 
                 def looped(u, w, f=f):
@@ -143,10 +186,15 @@ def main() -> None:
                 ja, jb = jnp.asarray(args[0]), jnp.asarray(args[1])
                 jms = median_ms(lambda jf=jf, ja=ja, jb=jb: jf(ja, jb)) / INNER
                 tms = median_ms(targs)
-                rows.append({
-                    "piece": f"{name} {qr}x{sc}", "jax_ms": jms, "torch_ms": tms,
-                    "jax_gflops": flops / jms / 1e6, "torch_gflops": flops / tms / 1e6,
-                })
+                rows.append(
+                    {
+                        "piece": f"{name} {qr}x{sc}",
+                        "jax_ms": jms,
+                        "torch_ms": tms,
+                        "jax_gflops": flops / jms / 1e6,
+                        "torch_gflops": flops / tms / 1e6,
+                    }
+                )
     for r in rows:
         r["jax_over_torch"] = r["jax_ms"] / r["torch_ms"]
     write(rows, torch.__version__)
@@ -168,7 +216,9 @@ def write(rows: list[dict], torch_version: str) -> None:
         pass
     meta = {
         "hardware": f"{cpu}, {len(jax.devices())} JAX device, 2 usable cores",
-        "jax": jax.__version__, "torch": torch_version, "slots": T,
+        "jax": jax.__version__,
+        "torch": torch_version,
+        "slots": T,
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": "python benchmarks/cpu_kernels.py",
     }
@@ -185,10 +235,11 @@ def write(rows: list[dict], torch_version: str) -> None:
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
-        gf = (f"{r['jax_gflops']:.0f} | {r['torch_gflops']:.0f}" if "jax_gflops" in r
-              else "– | –")
-        lines.append(f"| {r['piece']} | {r['jax_ms']:.3f} | {r['torch_ms']:.3f} | "
-                     f"{r['jax_over_torch']:.2f} | {gf} |")
+        gf = f"{r['jax_gflops']:.0f} | {r['torch_gflops']:.0f}" if "jax_gflops" in r else "– | –"
+        lines.append(
+            f"| {r['piece']} | {r['jax_ms']:.3f} | {r['torch_ms']:.3f} | "
+            f"{r['jax_over_torch']:.2f} | {gf} |"
+        )
     (out / "cpu-kernels.md").write_text("\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(8, 4))
     ax.barh([r["piece"] for r in rows], [r["jax_over_torch"] for r in rows], color="tab:blue")

@@ -396,7 +396,7 @@ class LlavaConfig:
             text["eos_token_id"] = tuple(text["eos_token_id"])
         text["mrope_section"] = tuple(text.get("mrope_section") or ())
         if d.get("qwen_vision") is not None:
-                d["qwen_vision"] = QwenVisionConfig.from_dict(d["qwen_vision"])
+            d["qwen_vision"] = QwenVisionConfig.from_dict(d["qwen_vision"])
         return cls(vision=VisionConfig(**d.pop("vision")), text=TextConfig(**text), **d)
 
     def to_json(self) -> str:

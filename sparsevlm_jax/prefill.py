@@ -8,7 +8,8 @@
   the capacity ladder (`capacity_bucket`) and calls the next stage compiled for that size.
   The decisions are exactly those of `exact` (no budget can overflow), while compute follows
   the rounded budget. Programs are cached per (stage, incoming visual width, kept bucket,
-  candidate bucket), so the number of programs is bounded by the ladder, not by the inputs.
+  candidate bucket) and nothing of earlier stages, so the number of programs is bounded by
+  the ladder, not by the inputs or the paths through it.
 
 Dense runs are one program whatever the policy.
 """
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from sparsevlm_jax.batch import Batch, ladder_size
@@ -54,8 +56,9 @@ def capacity_bucket(n: int, limit: int, steps: int = 4) -> int:
     return min(ladder_size(n, steps), limit)
 
 
-def bucket_layer(vis_in: int, n_keep: int, n_candidates: int) -> LayerCapacity:
-    """Static sizes of one pruning layer for the batch's largest kept / candidate counts.
+def bucket_layer(vis_in: int, n_keep: int, n_candidates: int, steps: int = 4) -> LayerCapacity:
+    """Static sizes of one pruning layer for the batch's largest kept / candidate counts, on
+    the ladder of `steps` steps per octave (`SparseConfig.ladder_steps`).
 
     The candidate buffer is derived from the kept bucket: the bucket of the most candidates
     any kept count in that bucket can leave (`max_candidates_for(vis_in - smallest count of
@@ -64,15 +67,15 @@ def bucket_layer(vis_in: int, n_keep: int, n_candidates: int) -> LayerCapacity:
     compiled 68 stage programs instead of 80 for +0.25 points of padding FLOPs
     (`benchmarks/compile_once.py`). Buffers still hold every count: decisions are `exact`'s.
     """
-    kept = capacity_bucket(n_keep, vis_in)
+    kept = capacity_bucket(n_keep, vis_in, steps)
     if n_candidates <= 0:  # nothing pruned in any row: nothing to recycle
         return LayerCapacity(vis_in, kept, 0, 0)
     limit = max_candidates_for(vis_in)
     smallest = kept  # the smallest count whose bucket is `kept`
-    while smallest > 1 and capacity_bucket(smallest - 1, vis_in) == kept:
+    while smallest > 1 and capacity_bucket(smallest - 1, vis_in, steps) == kept:
         smallest -= 1
-    most = capacity_bucket(max_candidates_for(vis_in - smallest), limit)
-    cand = max(most, capacity_bucket(n_candidates, limit))
+    most = capacity_bucket(max_candidates_for(vis_in - smallest), limit, steps)
+    cand = max(most, capacity_bucket(n_candidates, limit, steps))
     return LayerCapacity(vis_in, kept, cand, max_clusters_for(cand))
 
 
@@ -136,7 +139,8 @@ def _first_stage(
 
 
 @functools.partial(
-    jax.jit, static_argnames=("cfg", "sparse", "max_new_tokens", "stage", "cap", "all_logits")
+    jax.jit,
+    static_argnames=("cfg", "sparse", "max_new_tokens", "stage", "cap", "all_logits", "vis0"),
 )
 def _next_stage(
     params,
@@ -149,11 +153,22 @@ def _next_stage(
     stage: int,
     cap: LayerCapacity,
     all_logits: bool,
+    vis0: int,
 ):
     """Pruning after stage-1 with the given capacities, then stage `stage` and either the next
-    decision or, for the last stage, the logits and statistics."""
+    decision or, for the last stage, the logits and statistics.
+
+    History-free: a program's inputs are shaped by its own stage only (the incoming width,
+    `cap`), never by earlier stages' capacities, so one program serves every path that
+    reaches it. The layer's kept indices are padded to `vis0` (the prefill's visual slots,
+    the `exact` width) for that reason.
+    """
     pruner = Pruner(cfg, sparse)
     state, carry = pruner.apply(stage - 1, carry, state, decision, cap)
+    *earlier, layer = carry.layer_stats
+    kept = layer["kept"]
+    kept = jnp.pad(kept, ((0, 0), (0, vis0 - kept.shape[1])), constant_values=-1)
+    carry = carry.replace(layer_stats=(*earlier, {**layer, "kept": kept}))
     bounds = stage_bounds(cfg.text.num_hidden_layers, sparse.layers)
     start, stop = bounds[stage]
     last = stage == len(bounds) - 1
@@ -175,16 +190,19 @@ def prefill_bucketed(
 ) -> tuple[Array, KVCache, dict[str, Array], CapacityInfo]:
     """The `bucketed` policy: stage programs with a host round trip at each pruning layer."""
     state, cache, carry, decision = _first_stage(params, batch, cfg, sparse, max_new_tokens)
-    caches, plan = [cache], []
+    caches, plan, vis0 = [cache], [], state.vis_cap
     for stage in range(1, len(sparse.layers) + 1):
         n_keep, n_cand = jax.device_get((decision.n_keep, decision.n_candidates))
-        cap = bucket_layer(state.vis_cap, int(np.max(n_keep)), int(np.max(n_cand)))
+        cap = bucket_layer(
+            state.vis_cap, int(np.max(n_keep)), int(np.max(n_cand)), sparse.ladder_steps
+        )
         if state.pinned is not None:  # text between visual spans keeps its slots
             cap = dataclasses.replace(cap, pinned=state.pinned.shape[1])
         plan.append(cap)
         out = _next_stage(
-            params, state, carry, decision, cfg, sparse, max_new_tokens, stage, cap, all_logits
-        )
+            params, state, carry, decision, cfg, sparse, max_new_tokens, stage, cap, all_logits,
+            vis0,
+        )  # fmt: skip
         if stage < len(sparse.layers):
             state, cache, carry, decision = out
         else:

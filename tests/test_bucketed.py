@@ -40,17 +40,25 @@ def batch_of(rows: list[int]):
     )
 
 
-@pytest.mark.parametrize("preset", ["64", "192"])
-def test_capacities_follow_the_batch_largest_budget(preset: str) -> None:
-    """Each pruning layer's buffer is the ladder bucket of the batch's largest kept count."""
+@pytest.mark.parametrize(("preset", "steps"), [("64", 4), ("192", 4), ("192", 1)])
+def test_capacities_follow_the_batch_largest_budget(preset: str, steps: int) -> None:
+    """Each pruning layer's buffer is the ladder bucket of the batch's largest kept count, on
+    the ladder of `ladder_steps` steps per octave; the decisions do not depend on it."""
     _, params, cfg = model_and_params(0)
     batch, _ = batch_of([0, 1, 2, 3])
-    _, cache, stats, info = prefill(params, batch, cfg, v1(preset, capacity="bucketed"), 2)
+    sparse = v1(preset, capacity="bucketed").replace(ladder_steps=steps)
+    logits, cache, stats, info = prefill(params, batch, cfg, sparse, 2)
     kept = np.asarray(stats["num_kept"]).max(axis=0)
     vis_in = cfg.num_image_tokens
     for i, k in enumerate(kept):
-        assert info.capacities[i] == capacity_bucket(int(k), vis_in)
+        assert info.capacities[i] == capacity_bucket(int(k), vis_in, steps)
         vis_in = info.capacities[i] + info.recycled_capacities[i]
+    if steps != 4:  # other buffers, the same decisions as the default ladder's
+        logits4, _, stats4, info4 = prefill(params, batch, cfg, v1(preset, capacity="bucketed"), 2)
+        assert info != info4  # other buffers (here the recycled ones)
+        for key in ("num_kept", "kept", "recycled", "budget"):
+            np.testing.assert_array_equal(stats[key], stats4[key], err_msg=key)
+        np.testing.assert_allclose(logits, logits4, atol=2e-5, rtol=1e-5)
     assert info.policy == "bucketed"
     assert (np.asarray(stats["overflow"]) == 0).all()
     assert (np.asarray(stats["recycled_overflow"]) == 0).all()

@@ -26,9 +26,10 @@ from sparsevlm_jax.cli import info as cli_info
 from sparsevlm_jax.cli import main
 from sparsevlm_jax.cli import models as cli_models
 from sparsevlm_jax.cli import sparsity as cli_sparsity
+from sparsevlm_jax.cli.report import describe_sparse
+from sparsevlm_jax.errors import InputError
 
 pytest.importorskip("torch")
-pytest.importorskip("transformers")
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "What is in the image?"
@@ -268,6 +269,9 @@ def test_unknown_sparse_method(work, capsys):
         (["--budget", "64", "--scale", "1", "--layers", "1,2"], "either --budget or --scale"),
         (["--sparse", "fastv", "--scale", "1"], "v1's budget rule"),
         (["--sparse", "v2_0", "--budget", "100", "--layers", "0,1,2"], "no v2_0 budget named"),
+        ([*SPARSE, "--ladder-steps", "2"], "policy is exact (pass --capacity bucketed)"),
+        (["--sparse", "dense", "--ladder-steps", "2"], "need a sparse method"),
+        (["--layers", "1,2", "--scale", "1", "--ladder-steps", "0"], "must be in 1..64"),
     ],
 )
 def test_bad_sparsity_options(work, capsys, extra, needle):
@@ -532,6 +536,16 @@ def test_v1_defaults_to_bucketed_without_calibration(tmp_path, work):
         sparse, notes = sparse_for(tmp_path, mini_cfg(), *extra)
         assert (sparse.capacity, sparse.capacities, notes) == ("bucketed", (), []), extra
     assert parse_sparse(work, "--layers", "1,2", "--scale", "1").capacity == "bucketed"
+
+
+def test_ladder_steps_size_the_bucketed_policy(tmp_path, work):
+    """--ladder-steps reaches the config and the summary names it (decisions: test_bucketed)."""
+    sparse, _ = sparse_for(tmp_path, mini_cfg(), "--budget", "64", "--ladder-steps", "2")
+    assert (sparse.capacity, sparse.ladder_steps) == ("bucketed", 2)
+    assert "capacity bucketed (2 steps per octave)" in describe_sparse(sparse)
+    write_calibration(tmp_path)  # the default becomes static: no buckets to size
+    with pytest.raises(InputError, match="policy is static"):
+        sparse_for(tmp_path, mini_cfg(), "--budget", "64", "--ladder-steps", "2")
 
 
 def test_fixed_schedules_keep_their_static_capacities(tmp_path):

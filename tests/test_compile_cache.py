@@ -48,8 +48,7 @@ def test_event_names_exist_in_the_installed_jax() -> None:
     """The counters listen for these names: a jax upgrade that renames one fails here."""
     src = Path(jax.__file__).parent / "_src"
     text = "".join(
-        (src / f).read_text()
-        for f in ("compiler.py", "compilation_cache.py", "dispatch.py")
+        (src / f).read_text() for f in ("compiler.py", "compilation_cache.py", "dispatch.py")
     )
     for event in (
         cc.BACKEND_COMPILE_EVENT,
@@ -120,22 +119,25 @@ def test_a_second_process_loads_every_program_from_the_cache(tmp_path) -> None:
     assert any(list((tmp_path / "cache").iterdir()))
     rows = state["ladder"]["rows"]
     four = next(r for r in rows if r["steps_per_octave"] == 4 and r["candidates"] != "own ladder")
-    assert four["programs_history_keyed"] == held["stage"]  # the study counts what ran
+    assert four["programs_history_free"] == held["stage"]  # the study counts what ran
     assert (tmp_path / "compile-once.md").read_text().count("| first |") == 1
 
 
 def _stage_keys(shape: tuple[int, ...], plan) -> set:
     """The stage programs a bucketed call needs: the first stage per batch shape, then one
-    per (batch shape, capacities so far) (the carry holds the earlier layers' statistics)."""
+    per (batch shape, stage, incoming width, this layer's capacities): history-free, nothing
+    of earlier stages but the width they hand on."""
     keys = {("first", shape)}
-    for s in range(1, len(plan) + 1):
-        keys.add((shape, tuple(plan[:s])))
+    width = "first"
+    for s, (kept, recycled) in enumerate(plan, start=1):
+        keys.add((shape, s, width, kept, recycled))
+        width = kept + recycled
     return keys
 
 
 # Stage programs the bucketed policy compiles over `INPUTS` below (4-step ladder, candidate
 # buffers derived from the kept bucket, pruning after layers 2 and 6): one first stage, then
-# one per stage and capacity history.
+# one per stage, incoming width and capacities.
 BUCKETED_PROGRAMS = 5
 INPUTS = ([0], [2], [0])  # rows of test_sparse_parity.EXAMPLES; [0] again: nothing new
 
@@ -154,7 +156,7 @@ def test_program_counts_per_policy_over_fixed_inputs() -> None:
         sparse = SparseConfig(
             method="v1", layers=(2, 6), scale=scale, bias=bias, capacity=policy, **kw
         )
-        before = compile_counts()
+        before, kinds_before = compile_counts(), cc.stats()
         keys, shapes = set(), set()
         for rows in INPUTS:
             batch, _ = make_batch(
@@ -167,6 +169,9 @@ def test_program_counts_per_policy_over_fixed_inputs() -> None:
         after = compile_counts()
         fused = after["prefill"] - before["prefill"]
         stages = after["prefill_stages"] - before["prefill_stages"]
+        # the summary's per-kind counts name the same programs
+        kinds = {k: n for k, n, _ in cc.stats().since(kinds_before).by_kind}
+        assert kinds.get("prefill stages", 0) == stages and kinds.get("prefill", 0) == fused
         assert len(shapes) == 1
         if policy == "bucketed":
             # keys count (kept, recycled) histories; candidate buckets could add a few

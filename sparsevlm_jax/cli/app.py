@@ -190,8 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=8,
         metavar="N",
-        help="frames sampled from a line's \"video\" (a file or a folder of frames under "
-        "--image-folder), unless the line gives its own \"frames\" (%(default)s)",
+        help='frames sampled from a line\'s "video" (a file or a folder of frames under '
+        '--image-folder), unless the line gives its own "frames" (%(default)s)',
     )
     e.add_argument("--batch-size", type=int, default=1, metavar="B", help="(%(default)s)")
     e.add_argument("--limit", type=int, metavar="N", help="answer only the first N questions")

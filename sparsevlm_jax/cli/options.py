@@ -148,6 +148,14 @@ def add_capacity_arg(g: argparse._ActionsContainer) -> None:
         "static sizes; v1 static when the checkpoint ships calibrated capacities for its "
         "budget and layers, else bucketed",
     )
+    g.add_argument(
+        "--ladder-steps",
+        type=int,
+        metavar="N",
+        help="bucketed policy: capacity buckets per octave (default 4: at most 25%% padding). "
+        "Fewer buckets compile fewer stage programs for more padded compute (2: 50%%, 1: "
+        "100%%); more do the opposite. Decisions are the same whatever N",
+    )
 
 
 def add_generation_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:

@@ -55,6 +55,8 @@ def describe_sparse(sparse: SparseConfig) -> str:
     cap = sparse.capacity
     if sparse.capacities:
         cap += " " + ",".join(map(str, sparse.capacities))
+    elif cap == "bucketed":
+        cap += f" ({sparse.ladder_steps} steps per octave)"
     parts.append(f"capacity {cap}")
     return ", ".join(parts)
 

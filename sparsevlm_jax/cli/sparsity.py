@@ -115,6 +115,7 @@ def sparse_from_args(
         sparse = apply_capacity(
             sparse, parse_capacity(args.capacity, cfg.num_image_tokens), model, note
         )
+        sparse = with_ladder_steps(sparse, args)
         sparse.validate_for(cfg.text.num_hidden_layers)
         return sparse
     if method not in METHODS:
@@ -122,10 +123,10 @@ def sparse_from_args(
         raise ConfigError(f"unknown sparse method {method!r}; known: {known}")
     switches = ingredient_switches(args)
     if method == "dense":
-        if explicit or switches:
+        if explicit or switches or getattr(args, "ladder_steps", None) is not None:
             raise InputError(
-                "--budget/--scale/--bias/--layers/--capacity and the ingredient switches "
-                "need a sparse method"
+                "--budget/--scale/--bias/--layers/--capacity/--ladder-steps and the ingredient "
+                "switches need a sparse method"
             )
         return SparseConfig()
     if switches and method not in INGREDIENT_METHODS:
@@ -173,8 +174,25 @@ def sparse_from_args(
         if layers is not None:
             sparse = moved_to(sparse, layers)
     sparse = apply_capacity(sparse, capacity, model, note)
+    sparse = with_ladder_steps(sparse, args)
     sparse.validate_for(num_layers)
     return sparse
+
+
+def with_ladder_steps(sparse: SparseConfig, args: argparse.Namespace) -> SparseConfig:
+    """--ladder-steps N: the bucketed policy's capacity ladder; an error under another policy
+    (which has no buckets to size)."""
+    steps = getattr(args, "ladder_steps", None)
+    if steps is None:
+        return sparse
+    if sparse.capacity != "bucketed":
+        raise InputError(
+            f"--ladder-steps sizes the bucketed policy's stages; this run's policy is "
+            f"{sparse.capacity} (pass --capacity bucketed)"
+        )
+    if not 1 <= steps <= 64:
+        raise InputError(f"--ladder-steps must be in 1..64, got {steps}")
+    return sparse.replace(ladder_steps=steps)
 
 
 def moved_to(sparse: SparseConfig, layers: tuple[int, ...]) -> SparseConfig:

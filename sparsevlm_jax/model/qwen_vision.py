@@ -50,6 +50,7 @@ from sparsevlm_jax.model.llama import NEG_INF, apply_rope, attend, layer_params,
 
 Array = jax.Array
 
+
 @struct.dataclass
 class VisionInputs:
     """One batch's padded tower inputs, all per-patch arrays in tower order (module docstring).

@@ -111,6 +111,7 @@ class SparseConfig:
     v2_heads: int | None = None
     seed: int = 0
     capacity: str = "bucketed"
+    ladder_steps: int = 4
     capacities: tuple[int, ...] = ()
     recycled_capacities: tuple[int, ...] = ()
     budget_name: int | None = None
@@ -128,6 +129,8 @@ class SparseConfig:
             raise ConfigError(
                 f"unknown capacity policy {self.capacity!r}; known: {', '.join(CAPACITY_POLICIES)}"
             )
+        if not 1 <= self.ladder_steps <= 64:
+            raise ConfigError(f"ladder_steps must be in 1..64, got {self.ladder_steps}")
         if self.method not in INGREDIENT_METHODS:
             named = [k for k in INGREDIENTS if getattr(self, k) is not None]
             if named:
