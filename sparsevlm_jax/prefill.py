@@ -140,7 +140,7 @@ def _first_stage(
 
 @functools.partial(
     jax.jit,
-    static_argnames=("cfg", "sparse", "max_new_tokens", "stage", "cap", "all_logits", "vis0"),
+    static_argnames=("cfg", "sparse", "max_new_tokens", "stage", "cap", "all_logits", "width"),
 )
 def _next_stage(
     params,
@@ -153,21 +153,21 @@ def _next_stage(
     stage: int,
     cap: LayerCapacity,
     all_logits: bool,
-    vis0: int,
+    width: int,
 ):
     """Pruning after stage-1 with the given capacities, then stage `stage` and either the next
     decision or, for the last stage, the logits and statistics.
 
     History-free: a program's inputs are shaped by its own stage only (the incoming width,
     `cap`), never by earlier stages' capacities, so one program serves every path that
-    reaches it. The layer's kept indices are padded to `vis0` (the prefill's visual slots,
-    the `exact` width) for that reason.
+    reaches it. The layer's kept indices are padded to `width` for that reason (the widest
+    kept buffer any path can have: `stats_width`).
     """
     pruner = Pruner(cfg, sparse)
     state, carry = pruner.apply(stage - 1, carry, state, decision, cap)
     *earlier, layer = carry.layer_stats
     kept = layer["kept"]
-    kept = jnp.pad(kept, ((0, 0), (0, vis0 - kept.shape[1])), constant_values=-1)
+    kept = jnp.pad(kept, ((0, 0), (0, max(width - kept.shape[1], 0))), constant_values=-1)
     carry = carry.replace(layer_stats=(*earlier, {**layer, "kept": kept}))
     bounds = stage_bounds(cfg.text.num_hidden_layers, sparse.layers)
     start, stop = bounds[stage]
@@ -180,6 +180,15 @@ def _next_stage(
     return state, cache, carry, pruner.decide(stage, carry, state, q_text, k_last)
 
 
+def stats_width(sparse: SparseConfig, state: Any) -> int:
+    """The widest kept buffer of any pruning layer on any bucketed path: `exact`'s widest
+    (a bucketed width never exceeds `exact`'s at the same layer, which grows by the recycled
+    slots of every layer: a layer that keeps everything hands on more than it took)."""
+    pinned = 0 if state.pinned is None else state.pinned.shape[1]
+    exact = sparse.replace(capacity="exact", capacities=(), recycled_capacities=())
+    return max(c.kept for c in plan_capacities(exact, state.vis_cap, pinned))
+
+
 def prefill_bucketed(
     params: dict,
     batch: Batch,
@@ -190,7 +199,8 @@ def prefill_bucketed(
 ) -> tuple[Array, KVCache, dict[str, Array], CapacityInfo]:
     """The `bucketed` policy: stage programs with a host round trip at each pruning layer."""
     state, cache, carry, decision = _first_stage(params, batch, cfg, sparse, max_new_tokens)
-    caches, plan, vis0 = [cache], [], state.vis_cap
+    caches, plan = [cache], []
+    width = stats_width(sparse, state)
     for stage in range(1, len(sparse.layers) + 1):
         n_keep, n_cand = jax.device_get((decision.n_keep, decision.n_candidates))
         cap = bucket_layer(
@@ -201,7 +211,7 @@ def prefill_bucketed(
         plan.append(cap)
         out = _next_stage(
             params, state, carry, decision, cfg, sparse, max_new_tokens, stage, cap, all_logits,
-            vis0,
+            width,
         )  # fmt: skip
         if stage < len(sparse.layers):
             state, cache, carry, decision = out

@@ -91,3 +91,16 @@ def test_dense_is_one_program_whatever_the_policy() -> None:
     batch, _ = batch_of([0])
     logits, _, stats, info = prefill(params, batch, cfg, SparseConfig(), 2)
     assert info is None and stats == {} and logits.shape[0] == 1
+
+
+def test_layers_that_keep_almost_everything_widen_the_region() -> None:
+    """A budget at V - 1 keeps all but one token and recycles it: the next stage's buffers are
+    wider than the image's tokens (recycled slots), and every statistic still fits."""
+    _, params, cfg = model_and_params(0)
+    batch, _ = batch_of([0, 1])
+    wide = v1("64", capacity="bucketed").replace(scale=100.0, bias=0.0)
+    _, _, stats, info = prefill(params, batch, cfg, wide, 2)
+    assert info.capacities[-1] + info.recycled_capacities[-1] > cfg.num_image_tokens
+    _, _, want, _ = prefill(params, batch, cfg, wide.replace(capacity="exact"), 2)
+    for key in ("num_kept", "kept", "recycled", "budget"):
+        np.testing.assert_array_equal(stats[key], want[key], err_msg=key)

@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The `sparsevlm` argument parser (one subparser per command)."""
     p = argparse.ArgumentParser(
         prog=PROG,
-        description="LLaVA-1.5 in JAX with SparseVLM visual-token pruning.",
+        description="LLaVA-family and Qwen-VL models in JAX with SparseVLM visual-token pruning.",
         epilog="Run `sparsevlm COMMAND --help` for a command's options and examples.",
         formatter_class=HelpFormatter,
     )
