@@ -119,7 +119,7 @@ SUMMARY = re.compile(
     r"compilation: (\d+) programs, (\d+) compiled, (\d+) from the cache; ([\d.]+) s "
     r"\(XLA ([\d.]+) s, cache loads ([\d.]+) s, tracing \+ lowering ([\d.]+) s\)"
 )
-KINDS = re.compile(r"XLA by program: (.*)$", re.M)
+KINDS = re.compile(r"by program \(XLA or cache load\): (.*)$", re.M)
 KIND = re.compile(r"([a-z ]+) (\d+) \(([\d.]+) s\)")
 PROGRAMS = re.compile(r"prefill (\d+) fused \+ (\d+) stage programs .*, decode (\d+)")
 
@@ -373,7 +373,8 @@ def write_report(state: dict, out: Path, stem: str, dry: bool) -> list[Path]:
           f"Hardware: {state['hardware']['cpu_model']}, {usable_cores()} cores. "
           "`python benchmarks/compile_once.py`" + (" --dry-run" if dry else ""), "",
           "| run | wall s | programs | compiled | from cache | compilation s (XLA / load / "
-          "trace+lower) | XLA by program (programs, s) | share of wall | load avg before |",
+          "trace+lower) | by program: programs (XLA or cache load s) | share of wall | "
+          "load avg before |",
           "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, r in state.get("runs", {}).items():
         c = r["compilation"]
