@@ -73,7 +73,7 @@ def add_loading_args(g: argparse._ActionsContainer) -> None:
 
 
 def add_sparse_args(p: argparse.ArgumentParser) -> None:
-    """--sparse, --budget, --scale, --bias, --layers, --capacity."""
+    """--sparse, --budget, --scale, --bias, --layers, --capacity, --ladder-steps."""
     g = p.add_argument_group(
         "sparsity",
         "Default: dense, or v1 when any other sparsity option is given. Pick a named budget "
