@@ -35,6 +35,7 @@ from sparsevlm_jax.model.llava import (
     run_stage,
     stage_bounds,
 )
+from sparsevlm_jax.model.sequence import SeqState
 from sparsevlm_jax.sparse.config import SparseConfig
 from sparsevlm_jax.sparse.prune import LayerCapacity, Pruner, plan_capacities
 from sparsevlm_jax.sparse.recycle import max_candidates_for, max_clusters_for
@@ -167,7 +168,7 @@ def _next_stage(
     state, carry = pruner.apply(stage - 1, carry, state, decision, cap)
     *earlier, layer = carry.layer_stats
     kept = layer["kept"]
-    kept = jnp.pad(kept, ((0, 0), (0, max(width - kept.shape[1], 0))), constant_values=-1)
+    kept = jnp.pad(kept, ((0, 0), (0, width - kept.shape[1])), constant_values=-1)
     carry = carry.replace(layer_stats=(*earlier, {**layer, "kept": kept}))
     bounds = stage_bounds(cfg.text.num_hidden_layers, sparse.layers)
     start, stop = bounds[stage]
@@ -180,7 +181,7 @@ def _next_stage(
     return state, cache, carry, pruner.decide(stage, carry, state, q_text, k_last)
 
 
-def stats_width(sparse: SparseConfig, state: Any) -> int:
+def stats_width(sparse: SparseConfig, state: SeqState) -> int:
     """The widest kept buffer of any pruning layer on any bucketed path: `exact`'s widest
     (a bucketed width never exceeds `exact`'s at the same layer, which grows by the recycled
     slots of every layer: a layer that keeps everything hands on more than it took)."""

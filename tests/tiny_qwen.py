@@ -242,3 +242,21 @@ def hf_greedy(model, inputs: dict, new_tokens: int) -> list[int]:
                              do_sample=False, eos_token_id=None, pad_token_id=0)  # fmt: skip
     ids = out[0, inputs["input_ids"].shape[1] :].tolist()
     return ids[: ids.index(IM_END)] if IM_END in ids else ids
+
+
+def assert_reference_decisions(stats: dict, r, method: str) -> int:
+    """Our statistics of one example against the PyTorch reference's run `r`: raters,
+    budgets, kept indices (not for random, whose RNG differs), recycled counts and visual
+    counts per layer. Returns how many of the reference's layers pruned."""
+    assert stats["visual_tokens"] == r.num_image_tokens
+    if method not in ("fastv", "random"):
+        assert stats["raters"] == list(r.raters)
+    pruned = 0
+    for mine, rec in zip(stats["layers"], r.prunes, strict=True):
+        assert mine["budget"] == rec.budget and len(mine["kept"]) == len(rec.kept), rec.layer
+        if method != "random":  # random draws with JAX's RNG, the reference with numpy's
+            assert mine["kept"] == list(rec.kept), rec.layer
+        assert mine["recycled"] == rec.n_recycled and mine["overflow"] == 0
+        pruned += rec.pruned
+    assert stats["visual_counts"] == list(r.visual_counts)
+    return pruned
