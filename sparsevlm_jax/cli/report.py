@@ -56,7 +56,8 @@ def describe_sparse(sparse: SparseConfig) -> str:
     if sparse.capacities:
         cap += " " + ",".join(map(str, sparse.capacities))
     elif cap == "bucketed":
-        cap += f" ({sparse.ladder_steps} steps per octave)"
+        steps = sparse.ladder_steps
+        cap += f" ({steps} step{'s' if steps > 1 else ''} per octave)"
     parts.append(f"capacity {cap}")
     return ", ".join(parts)
 
